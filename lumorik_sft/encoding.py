@@ -1,0 +1,289 @@
+"""Tokenization and encoding (stage 2): one contract, prompt + completion -> ids, mask, labels.
+
+The contract, with literal values (prompt ids [5, 6], completion ids [7, 8], EOS = 0, pad = 1)::
+
+    input_ids      = [   5,    6, 7, 8, 0]
+    attention_mask = [   1,    1, 1, 1, 1]
+    labels         = [-100, -100, 7, 8, 0]
+
+The model is only taught the completion and the EOS that ends it; the prompt is context.
+A batch of that row and a shorter one, right-padded by `SFTCollator`::
+
+    input_ids      = [[   5,    6, 7,    8,    0], [   5, 7,    0,    1,    1]]
+    attention_mask = [[   1,    1, 1,    1,    1], [   1, 1,    1,    0,    0]]
+    labels         = [[-100, -100, 7,    8,    0], [-100, 7,    0, -100, -100]]
+
+The chapter's `labels=batch["input_ids"]` trains on the prompt and on padding instead; see
+`naive_encode` for its version, kept for the errata lesson.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lumorik_sft.models import prepare_tokenizer
+
+IGNORE_INDEX = -100
+DEFAULT_SEPARATOR = "\n"
+DEFAULT_MAX_LENGTH = 256
+
+
+def prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, separator: str = DEFAULT_SEPARATOR
+) -> list[int]:
+    """Token ids of the prompt as the model sees it, at training and at generation alike.
+
+    Special tokens are added here (a Llama tokenizer's BOS) and never to the completion.
+    """
+    return list(tokenizer(prompt + separator, add_special_tokens=True)["input_ids"])
+
+
+def completion_ids(tokenizer: PreTrainedTokenizerBase, completion: str) -> list[int]:
+    """Token ids of the completion followed by EOS, so the model learns where to stop."""
+    ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    return [*ids, tokenizer.eos_token_id]
+
+
+def _leading_special(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> int:
+    """How many special tokens (BOS) open the prompt: truncation must keep them."""
+    special = set(tokenizer.all_special_ids)
+    n = 0
+    while n < len(ids) - 1 and ids[n] in special:
+        n += 1
+    return n
+
+
+def truncate_pair(
+    prompt: list[int], completion: list[int], max_length: int, *, keep_head: int = 0,
+    min_prompt_tokens: int = 1,
+) -> tuple[list[int], list[int]]:
+    """Fit prompt + completion into `max_length`, cutting the prompt (from the left) first.
+
+    The completion is the supervision, so it is cut (from the right) only once the prompt is
+    down to `min_prompt_tokens` (plus the `keep_head` special tokens that open it).
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be at least 1, got {max_length}")
+    if len(prompt) + len(completion) <= max_length:
+        return prompt, completion
+    floor = min(len(prompt), keep_head + min_prompt_tokens)
+    keep = max(floor, max_length - len(completion))
+    head, body = prompt[:keep_head], prompt[keep_head:]
+    tail = body[len(body) - (keep - len(head)):] if keep > len(head) else []
+    new_prompt = (head + tail)[:keep]
+    return new_prompt, completion[: max(0, max_length - len(new_prompt))]
+
+
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    completion: str,
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    separator: str = DEFAULT_SEPARATOR,
+    min_prompt_tokens: int = 1,
+) -> dict[str, list[int]] | None:
+    """Encode one pair under the contract above; None when no completion token survives."""
+    prepare_tokenizer(tokenizer)
+    p_ids = prompt_ids(tokenizer, prompt, separator)
+    c_ids = completion_ids(tokenizer, completion)
+    p_ids, c_ids = truncate_pair(
+        p_ids, c_ids, max_length,
+        keep_head=_leading_special(tokenizer, p_ids), min_prompt_tokens=min_prompt_tokens,
+    )
+    if not c_ids:
+        return None
+    return {
+        "input_ids": p_ids + c_ids,
+        "attention_mask": [1] * (len(p_ids) + len(c_ids)),
+        "labels": [IGNORE_INDEX] * len(p_ids) + c_ids,
+    }
+
+
+def pair_length(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str,
+    separator: str = DEFAULT_SEPARATOR,
+) -> int:
+    """Untruncated token length of a pair (prompt, separator, completion, EOS)."""
+    prepare_tokenizer(tokenizer)
+    return len(prompt_ids(tokenizer, prompt, separator)) + len(completion_ids(tokenizer, completion))
+
+
+@dataclass
+class EncodeReport:
+    """What encoding did to a data set: nothing is dropped or cut without being counted."""
+
+    read: int = 0
+    encoded: int = 0
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "read": self.read, "encoded": self.encoded, "truncated": self.truncated,
+            "dropped": dict(self.dropped), "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+
+def encode_records(
+    records: Iterable[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    separator: str = DEFAULT_SEPARATOR,
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+) -> tuple[list[dict[str, list[int]]], EncodeReport]:
+    """Encode many records; the report counts truncations and drops by reason."""
+    report = EncodeReport()
+    examples: list[dict[str, list[int]]] = []
+    for record in records:
+        report.read += 1
+        full = pair_length(tokenizer, record[prompt_field], record[completion_field], separator)
+        ex = encode_example(
+            tokenizer, record[prompt_field], record[completion_field],
+            max_length=max_length, separator=separator,
+        )
+        if ex is None:
+            report.dropped["no_completion_tokens"] += 1
+            continue
+        report.truncated += int(full > len(ex["input_ids"]))
+        n_completion = sum(label != IGNORE_INDEX for label in ex["labels"])
+        report.completion_tokens += n_completion
+        report.prompt_tokens += len(ex["input_ids"]) - n_completion
+        report.encoded += 1
+        examples.append(ex)
+    assert report.read == report.encoded + sum(report.dropped.values())
+    return examples, report
+
+
+def pad_sequences(
+    rows: Sequence[Sequence[int]], value: int, *, side: str = "right",
+    length: int | None = None,
+) -> torch.Tensor:
+    """Stack ragged rows into one tensor, padding on the given side to `length` or the longest."""
+    if side not in ("right", "left"):
+        raise ValueError(f"padding side must be 'right' or 'left', got {side!r}")
+    width = max(len(r) for r in rows) if length is None else length
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if len(row) > width:
+            raise ValueError(f"row {i} has {len(row)} tokens, more than the padded length {width}")
+        if len(row):
+            t = torch.as_tensor(list(row), dtype=torch.long)
+            if side == "right":
+                out[i, : len(row)] = t
+            else:
+                out[i, width - len(row):] = t
+    return out
+
+
+@dataclass
+class SFTCollator:
+    """Pad each batch to its own longest row (dynamic padding), not to the model's maximum.
+
+    Right padding for training: every row's tokens keep positions 0..n-1, and padding is
+    masked out of attention (mask 0) and out of the loss (label -100).
+    """
+
+    pad_token_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: Sequence[dict[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        width = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            width = (width + m - 1) // m * m
+        batch = {
+            "input_ids": pad_sequences([f["input_ids"] for f in features], self.pad_token_id,
+                                       side=self.padding_side, length=width),
+            "attention_mask": pad_sequences([f["attention_mask"] for f in features], 0,
+                                            side=self.padding_side, length=width),
+        }
+        if "labels" in features[0]:
+            batch["labels"] = pad_sequences([f["labels"] for f in features], IGNORE_INDEX,
+                                            side=self.padding_side, length=width)
+        return batch
+
+
+def encode_prompts_for_generation(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
+    separator: str = DEFAULT_SEPARATOR, max_prompt_tokens: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Left-padded prompt batch: every prompt ends at the last column, where generation starts."""
+    prepare_tokenizer(tokenizer)
+    rows = []
+    for p in prompts:
+        ids = prompt_ids(tokenizer, p, separator)
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            head = _leading_special(tokenizer, ids)
+            ids = ids[:head] + ids[len(ids) - (max_prompt_tokens - head):]
+        rows.append(ids)
+    collate = SFTCollator(tokenizer.pad_token_id, padding_side="left")
+    return collate([{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows])
+
+
+def naive_encode(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, *, max_length: int = 1024
+) -> dict[str, list[int]]:
+    """The chapter's encoding, fixed only enough to run, for the errata lesson.
+
+    `tokenizer(prompt, completion, truncation=True, padding="max_length")` raises on GPT-2
+    (no pad token); given one, it pads every row to `max_length` (1,024 for GPT-2), adds no
+    EOS, and the chapter then trains with `labels=input_ids`: prompt and padding included.
+    """
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            "Asking to pad but the tokenizer does not have a padding token "
+            "(the chapter's code fails here on GPT-2)"
+        )
+    enc = tokenizer(prompt, completion, truncation=True, padding="max_length",
+                    max_length=max_length)
+    ids = list(enc["input_ids"])
+    return {"input_ids": ids, "attention_mask": list(enc["attention_mask"]), "labels": list(ids)}
+
+
+def supervision_spans(
+    tokenizer: PreTrainedTokenizerBase, example: dict[str, Sequence[int]]
+) -> list[tuple[str, bool]]:
+    """(token text, supervised?) for each token: the data behind a colour-coded view."""
+    return [
+        (tokenizer.decode([tid]), label != IGNORE_INDEX)
+        for tid, label in zip(example["input_ids"], example["labels"], strict=True)
+    ]
+
+
+def render_supervision(
+    tokenizer: PreTrainedTokenizerBase, example: dict[str, Sequence[int]], *, html: bool = False
+) -> str:
+    """Show which tokens the model is trained on: green supervised, grey context.
+
+    HTML for notebooks, ANSI colours for a terminal; each token is bracketed so that token
+    boundaries (and a BPE merge across the prompt/completion boundary) are visible.
+    """
+    parts = []
+    for text, supervised in supervision_spans(tokenizer, example):
+        shown = text.replace("\n", "\\n")
+        if html:
+            import html as html_lib
+
+            colour = "#c8f7c5" if supervised else "#e6e6e6"
+            parts.append(
+                f'<span style="background:{colour};border:1px solid #999;margin:1px;'
+                f'font-family:monospace">{html_lib.escape(shown)}</span>'
+            )
+        else:
+            parts.append(f"\x1b[42m{shown}\x1b[0m" if supervised else f"\x1b[90m{shown}\x1b[0m")
+    return "".join(parts)

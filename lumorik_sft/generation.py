@@ -1,0 +1,91 @@
+"""Batched generation for evaluation: prompts in, completions out, stopping at EOS.
+
+Prompts are encoded exactly as in training (`encoding.prompt_ids`: prompt + separator) and
+left-padded, so every row's last prompt token sits in the last column and the new tokens of all
+rows line up. Greedy decoding is deterministic; sampling is seeded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
+
+from lumorik_sft.encoding import DEFAULT_SEPARATOR, encode_prompts_for_generation
+from lumorik_sft.models import prepare_tokenizer
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    """The longest sequence the model's position embeddings allow (None if unbounded)."""
+    cfg = model.config
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
+def _cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
+    """New tokens up to, not including, the first EOS: the model said it was done."""
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[:i]
+    return ids
+
+
+@torch.inference_mode()
+def generate_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 96,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    separator: str = DEFAULT_SEPARATOR,
+    progress: bool = False,
+) -> list[str]:
+    """Generate one completion per prompt (greedy by default, or seeded sampling)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    prepare_tokenizer(tokenizer)
+    limit = context_length(model)
+    max_prompt = None if limit is None else limit - max_new_tokens
+    if max_prompt is not None and max_prompt < 1:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for the prompt in a "
+            f"{limit}-token context; ask for fewer new tokens"
+        )
+    set_seed(seed)
+    device = next(model.parameters()).device
+    eos_ids = {tokenizer.eos_token_id}
+    was_training = model.training
+    model.eval()
+    outputs: list[str] = []
+    starts = range(0, len(prompts), batch_size)
+    try:
+        for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
+            batch = encode_prompts_for_generation(
+                tokenizer, prompts[start : start + batch_size], separator=separator,
+                max_prompt_tokens=max_prompt,
+            )
+            batch = {k: v.to(device) for k, v in batch.items()}
+            sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **(sampling if do_sample else {}),
+            )
+            new = out[:, batch["input_ids"].shape[1]:].tolist()
+            outputs += [
+                tokenizer.decode(_cut_at_eos(row, eos_ids), skip_special_tokens=True).strip()
+                for row in new
+            ]
+    finally:
+        model.train(was_training)
+    return outputs

@@ -1,0 +1,168 @@
+"""Models and tokenizers: the embedded base model, any Hugging Face causal LM, and tiny toys.
+
+Every API in the package that takes a model goes through `load_model_and_tokenizer`, so a
+Hugging Face name (`gpt2`, `HuggingFaceTB/SmolLM2-135M`) or a local path works the same way as
+the embedded model. Tests and smoke runs build tiny GPT-2, Llama and Qwen2 models in-process
+with `build_model`, which proves the code serves more than one architecture without a download.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "base-model"
+ARCHITECTURES = ("gpt2", "llama", "qwen2")
+
+
+def embedded_model_path() -> Path:
+    """Path of the small pretrained model shipped inside the package (Hugging Face format)."""
+    if not (EMBEDDED_MODEL_DIR / "config.json").exists():
+        raise FileNotFoundError(
+            f"the embedded base model is missing at {EMBEDDED_MODEL_DIR}; "
+            "rebuild it with `lumorik-sft pretrain` or pass a model name or path"
+        )
+    return EMBEDDED_MODEL_DIR
+
+
+def has_embedded_model() -> bool:
+    """True when the package ships its pretrained base model."""
+    return (EMBEDDED_MODEL_DIR / "config.json").exists()
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """CUDA, then Apple MPS, then CPU: the fastest device this machine has, unless told otherwise."""
+    if device not in (None, "auto"):
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give a tokenizer the pad token SFT needs, without touching the vocabulary.
+
+    GPT-2's tokenizer has no pad token (so the chapter's `padding="max_length"` raises). We reuse
+    EOS as pad: it adds no embedding row, and it is safe because our labels and attention masks
+    are built from lengths, never from `input_ids == pad_token_id` (which would also mask the
+    real EOS that ends every completion).
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has no EOS token; set tokenizer.eos_token "
+            "so completions can teach the model where to stop"
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(
+    name_or_path: str | Path | None = None,
+    *,
+    device: str | torch.device | None = "auto",
+    dtype: torch.dtype | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Open a causal LM and its tokenizer: the embedded model by default, or any HF name or path."""
+    source = str(name_or_path) if name_or_path is not None else str(embedded_model_path())
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
+    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    return model.to(resolve_device(device)), tokenizer
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], *, vocab_size: int = 4096, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (GPT-2's scheme) with distinct EOS and pad tokens.
+
+    Byte-level means any UTF-8 text is encodable (no unknown token); a distinct pad token keeps
+    padding visibly apart from the EOS that ends each completion.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=1024,
+    )
+
+
+def model_config(
+    arch: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    n_layer: int = 2,
+    width: int = 64,
+    n_head: int = 4,
+    context: int = 256,
+) -> PretrainedConfig:
+    """A small config of the given architecture sized to the tokenizer's vocabulary."""
+    special = {
+        "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None
+        else tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vocab = len(tokenizer)
+    if arch == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab, n_positions=context, n_embd=width, n_layer=n_layer, n_head=n_head,
+            **special,
+        )
+    if arch in ("llama", "qwen2"):
+        cls = LlamaConfig if arch == "llama" else Qwen2Config
+        return cls(
+            vocab_size=vocab, hidden_size=width, intermediate_size=width * 4,
+            num_hidden_layers=n_layer, num_attention_heads=n_head,
+            num_key_value_heads=max(1, n_head // 2), max_position_embeddings=context,
+            tie_word_embeddings=True, **special,
+        )
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+
+def build_model(
+    arch: str, tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, **size: int
+) -> PreTrainedModel:
+    """A randomly initialised causal LM, seeded so that two builds are identical."""
+    config = model_config(arch, tokenizer, **size)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())

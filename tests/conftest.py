@@ -1,0 +1,42 @@
+"""Shared offline fixtures: a toy tokenizer trained in-process and tiny models of three architectures."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lumorik_sft.models import build_model, train_bpe_tokenizer  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+TOY_TEXTS = [
+    "Write a product description.\nCategory: backpack\nMaterial: canvas\nColour: navy",
+    "A sturdy navy canvas backpack with a padded laptop sleeve and a water-resistant zip.",
+    "Question: What is a fever?\nAnswer: A fever is a body temperature above the normal range.",
+    "Summarise the case: The tenant sued the landlord over an unreturned deposit.",
+    "The court found for the tenant and ordered the deposit returned with interest.",
+    "def add(a, b):\n    return a + b  # Python functions return values.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer():
+    """A byte-level BPE tokenizer with distinct EOS and pad tokens, trained in a second."""
+    return train_bpe_tokenizer(TOY_TEXTS, vocab_size=400, min_frequency=2)
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama", "qwen2"])
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture()
+def tiny_model(toy_tokenizer):
+    """A tiny seeded GPT-2 model sized to the toy tokenizer."""
+    return build_model("gpt2", toy_tokenizer, n_layer=2, width=32, n_head=2, context=128, seed=0)

@@ -1,0 +1,60 @@
+"""Batched generation: left padding must not change what a model generates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lumorik_sft.encoding import SFTCollator, encode_records
+from lumorik_sft.generation import _cut_at_eos, generate_completions
+from lumorik_sft.models import build_model
+
+PROMPTS = ["Question: What is a fever?", "Write a product description.\nCategory: backpack", "Q"]
+
+
+@pytest.fixture()
+def memorised(toy_tokenizer, arch):
+    """A tiny model of each architecture that has memorised three short completions."""
+    records = [{"prompt": p, "completion": c} for p, c in zip(
+        PROMPTS, ["A fever is high.", "A navy backpack.", "def add"], strict=True)]
+    model = build_model(arch, toy_tokenizer, n_layer=2, width=64, n_head=4, context=128, seed=1)
+    examples, _ = encode_records(records, toy_tokenizer, max_length=64)
+    batch = SFTCollator(toy_tokenizer.pad_token_id)(examples)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model, records
+
+
+def test_batched_greedy_equals_one_at_a_time_and_stops_at_eos(memorised, toy_tokenizer):
+    model, records = memorised
+    batched = generate_completions(model, toy_tokenizer, PROMPTS, max_new_tokens=20, batch_size=3)
+    single = [generate_completions(model, toy_tokenizer, [p], max_new_tokens=20)[0] for p in PROMPTS]
+    assert batched == single
+    assert batched == [r["completion"] for r in records]  # memorised, and stopped at EOS
+
+
+def test_sampling_is_seeded(tiny_model, toy_tokenizer):
+    kw = {"max_new_tokens": 12, "do_sample": True, "temperature": 1.5}
+    a = generate_completions(tiny_model, toy_tokenizer, PROMPTS, seed=3, **kw)
+    b = generate_completions(tiny_model, toy_tokenizer, PROMPTS, seed=3, **kw)
+    c = generate_completions(tiny_model, toy_tokenizer, PROMPTS, seed=4, **kw)
+    assert a == b and a != c
+
+
+def test_generation_restores_training_mode_and_guards_lengths(tiny_model, toy_tokenizer):
+    tiny_model.train()
+    generate_completions(tiny_model, toy_tokenizer, ["Q"], max_new_tokens=2)
+    assert tiny_model.training
+    with pytest.raises(ValueError, match="no room"):
+        generate_completions(tiny_model, toy_tokenizer, ["Q"], max_new_tokens=128)
+    with pytest.raises(ValueError, match="at least 1"):
+        generate_completions(tiny_model, toy_tokenizer, ["Q"], max_new_tokens=0)
+
+
+def test_cut_at_eos():
+    assert _cut_at_eos([5, 6, 0, 7], {0}) == [5, 6]
+    assert _cut_at_eos([5, 6], {0}) == [5, 6]
