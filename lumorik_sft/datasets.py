@@ -1,0 +1,694 @@
+"""Synthetic course data, generated from a seed: nothing to download, identical on every machine.
+
+Three sets, one per example in the chapter:
+
+* ``products``: the worked example, 1,000 product-description pairs (-> 900/100 split). The
+  description follows from the attributes listed in the prompt, with only small seeded wording
+  variation, so the task is learnable and BLEU against a reference is meaningful.
+* ``health``: a health-information Q&A chatbot (general information only, never dosing).
+* ``cases``: legal case summarization (short made-up case -> 1-2 sentence summary).
+
+``noisy_product_descriptions_jsonl`` dirties the products set for the curation lesson.
+
+    python -c "from lumorik_sft.datasets import product_descriptions as p; print(p(1)[0])"
+
+This module deliberately does not import the Hugging Face ``datasets`` library (see
+``lumorik_sft.data.to_hf_dataset`` for that).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import unicodedata
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lumorik_sft.data import write_csv
+
+__all__ = [
+    "COURSE_DATASETS",
+    "SYNTHETIC_NOTICE",
+    "case_summaries",
+    "health_qa",
+    "load_course_dataset",
+    "noisy_product_descriptions_jsonl",
+    "product_agreement_bleu",
+    "product_descriptions",
+    "render_product_prompt",
+    "sample_description",
+    "sample_product_attributes",
+    "write_noisy_product_descriptions",
+    "write_product_csv",
+]
+
+SYNTHETIC_NOTICE = (
+    "SYNTHETIC TEACHING DATA: every record in lumorik_sft.datasets is generated from templates for "
+    "this course. Products, people, companies and cases are made up; the health answers are "
+    "simplified general information, not medical advice, and must not be used for real decisions."
+)
+
+Record = dict[str, str]
+
+# ------------------------------------------------------------------------------------------ products
+
+# category -> (use phrase, materials, {feature name: (noun phrase, benefit clause)})
+_CATEGORIES: dict[str, tuple[str, tuple[str, ...], dict[str, tuple[str, str]]]] = {
+    "backpack": (
+        "for commutes and weekend trips",
+        ("recycled canvas", "ripstop nylon", "waxed cotton"),
+        {
+            "padded laptop sleeve": ("a padded laptop sleeve", "your laptop stays protected"),
+            "water-resistant zip": ("a water-resistant zip", "your things stay dry in the rain"),
+            "hidden back pocket": ("a hidden back pocket", "your passport stays out of sight"),
+            "chest strap": ("an adjustable chest strap", "heavy loads feel lighter"),
+        },
+    ),
+    "mug": (
+        "for your morning coffee or evening tea",
+        ("stoneware", "porcelain", "enamelled steel"),
+        {
+            "double-walled": ("double-walled insulation", "drinks stay hot for longer"),
+            "dishwasher-safe": ("a dishwasher-safe glaze", "cleaning up takes seconds"),
+            "wide handle": ("a wide handle", "it sits comfortably in your hand"),
+            "spill-proof lid": ("a spill-proof lid", "you can carry it around without worry"),
+        },
+    ),
+    "desk lamp": (
+        "for late-night reading and focused work",
+        ("brushed aluminium", "oak", "matte steel"),
+        {
+            "dimmable": ("a dimmable light", "you can set the perfect brightness"),
+            "USB charging port": ("a built-in USB charging port", "your phone charges while you work"),
+            "flexible arm": ("a flexible arm", "light goes exactly where you need it"),
+            "warm LED": ("a warm LED bulb", "your eyes stay relaxed"),
+        },
+    ),
+    "running shoes": (
+        "for daily runs and race days",
+        ("engineered mesh", "knit fabric", "recycled polyester"),
+        {
+            "cushioned sole": ("a cushioned sole", "every stride feels soft"),
+            "reflective details": ("reflective details", "you stay visible after dark"),
+            "breathable upper": ("a breathable upper", "your feet stay cool"),
+            "grippy outsole": ("a grippy outsole", "wet roads feel safe"),
+        },
+    ),
+    "water bottle": (
+        "for the gym, the office and long hikes",
+        ("stainless steel", "glass", "BPA-free plastic"),
+        {
+            "leak-proof cap": ("a leak-proof cap", "your bag stays dry"),
+            "keeps drinks cold": ("vacuum insulation", "water stays cold all day"),
+            "carry loop": ("a sturdy carry loop", "it clips onto any bag"),
+            "measurement marks": ("measurement marks", "tracking what you drink is easy"),
+        },
+    ),
+    "notebook": (
+        "for sketches, lists and big ideas",
+        ("recycled paper", "vegan leather", "linen"),
+        {
+            "dotted pages": ("dotted pages", "your notes stay neat"),
+            "lay-flat binding": ("a lay-flat binding", "writing across both pages is easy"),
+            "elastic closure": ("an elastic closure", "loose papers stay inside"),
+            "numbered pages": ("numbered pages", "finding old notes is quick"),
+        },
+    ),
+    "headphones": (
+        "for music, calls and quiet focus",
+        ("aluminium", "soft-touch plastic", "vegan leather"),
+        {
+            "noise cancelling": ("active noise cancelling", "busy trains fade away"),
+            "long battery life": ("a long-lasting battery", "you can listen all week"),
+            "foldable design": ("a foldable design", "they pack away easily"),
+            "built-in microphone": ("a built-in microphone", "calls sound clear"),
+        },
+    ),
+    "yoga mat": (
+        "for yoga, stretching and home workouts",
+        ("natural rubber", "cork", "TPE foam"),
+        {
+            "non-slip surface": ("a non-slip surface", "you stay steady in every pose"),
+            "alignment lines": ("printed alignment lines", "your posture stays on track"),
+            "extra thick": ("extra cushioning", "your knees stay comfortable"),
+            "carry strap": ("a carry strap", "taking it to class is easy"),
+        },
+    ),
+    "wallet": (
+        "for cards, cash and everyday essentials",
+        ("full-grain leather", "recycled nylon", "cork"),
+        {
+            "RFID blocking": ("RFID blocking", "your cards stay secure"),
+            "coin pocket": ("a zipped coin pocket", "loose change stays put"),
+            "slim profile": ("a slim profile", "it fits in any pocket"),
+            "six card slots": ("six card slots", "your cards stay organised"),
+        },
+    ),
+    "scarf": (
+        "for chilly mornings and windy walks",
+        ("merino wool", "cashmere blend", "organic cotton"),
+        {
+            "extra long": ("an extra-long cut", "you can wrap it twice"),
+            "fringed edges": ("fringed edges", "it looks relaxed and stylish"),
+            "machine-washable": ("machine-washable fibres", "care is simple"),
+            "reversible": ("a reversible design", "you get two looks in one"),
+        },
+    ),
+    "umbrella": (
+        "for rainy commutes and sudden storms",
+        ("fibreglass", "recycled polyester", "steel"),
+        {
+            "windproof frame": ("a windproof frame", "it survives strong gusts"),
+            "auto-open button": ("an auto-open button", "it opens in a second"),
+            "compact fold": ("a compact fold", "it slips into any bag"),
+            "wooden handle": ("a curved wooden handle", "it feels good to hold"),
+        },
+    ),
+    "frying pan": (
+        "for quick breakfasts and weeknight dinners",
+        ("cast iron", "carbon steel", "hard-anodised aluminium"),
+        {
+            "non-stick coating": ("a non-stick coating", "eggs slide right off"),
+            "oven-safe": ("an oven-safe build", "dishes can finish in the oven"),
+            "induction-ready": ("an induction-ready base", "it works on any hob"),
+            "pouring spouts": ("two pouring spouts", "sauces pour without drips"),
+        },
+    ),
+    "plant pot": (
+        "for herbs, succulents and leafy houseplants",
+        ("terracotta", "glazed ceramic", "concrete"),
+        {
+            "drainage hole": ("a drainage hole", "roots never sit in water"),
+            "matching saucer": ("a matching saucer", "your shelves stay clean"),
+            "self-watering": ("a self-watering reservoir", "plants drink when they need to"),
+            "hanging cord": ("a hanging cord", "it can brighten any corner"),
+        },
+    ),
+    "phone case": (
+        "for everyday protection on the go",
+        ("silicone", "recycled plastic", "leather"),
+        {
+            "raised edges": ("raised edges", "your screen is protected from drops"),
+            "card holder": ("a built-in card holder", "you can leave your wallet at home"),
+            "wireless charging": ("a wireless-charging-friendly back", "charging stays easy"),
+            "grip texture": ("a textured grip", "it stays firmly in your hand"),
+        },
+    ),
+    "blanket": (
+        "for cosy evenings on the sofa",
+        ("chunky knit wool", "fleece", "organic cotton"),
+        {
+            "oversized": ("an oversized cut", "there is room for two"),
+            "machine-washable": ("machine-washable fabric", "care is simple"),
+            "tasselled edges": ("tasselled edges", "it adds charm to any room"),
+            "lightweight": ("a lightweight weave", "it works in every season"),
+        },
+    ),
+    "sunglasses": (
+        "for sunny days, road trips and beach walks",
+        ("acetate", "titanium", "recycled plastic"),
+        {
+            "polarised lenses": ("polarised lenses", "glare disappears"),
+            "UV protection": ("full UV protection", "your eyes stay safe"),
+            "spring hinges": ("spring hinges", "they fit comfortably all day"),
+            "hard case": ("a protective hard case", "they travel safely"),
+        },
+    ),
+    "tote bag": (
+        "for market runs, beach days and everything in between",
+        ("heavy cotton", "jute", "recycled canvas"),
+        {
+            "inside pocket": ("an inside pocket", "your keys are easy to find"),
+            "reinforced handles": ("reinforced handles", "heavy shopping is no problem"),
+            "magnetic snap": ("a magnetic snap", "everything stays inside"),
+            "foldable": ("a foldable design", "it tucks into any pocket"),
+        },
+    ),
+}
+
+_COLOURS = ("navy", "charcoal", "forest green", "sand", "terracotta", "sky blue", "blush pink",
+            "mustard yellow", "crème", "café au lait", "black", "ivory")
+TONES = ("friendly", "professional", "playful", "luxurious")
+LENGTHS = ("short", "long")
+
+# Per tone, sentence templates. A list of 2 alternatives is the only seeded variation.
+_TONE_TEMPLATES: dict[str, dict[str, Any]] = {
+    "friendly": {
+        "open": ["{Greet} your new favourite {category}: {colour} {material}, {ideal} {use}."],
+        "greet": ["Meet", "Say hello to"],
+        "ideal": ["perfect", "just right"],
+        "feature": ["It has {noun}, so {benefit}.", "It comes with {noun}, so {benefit}."],
+        "material": ["The {material} feels great and is easy to care for."],
+        "close": ["We think you'll love it.", "We're sure you'll love it."],
+        "extra": ["It also makes a thoughtful gift."],
+    },
+    "professional": {
+        "open": ["This {colour} {category} is {made} from {material} and designed {use}."],
+        "made": ["crafted", "built"],
+        "feature": ["It features {noun}, ensuring {benefit}.",
+                    "It offers {noun}, ensuring {benefit}."],
+        "material": ["The {material} construction provides durability for daily use."],
+        "close": ["A reliable choice for everyday use.", "A dependable choice for everyday use."],
+        "extra": ["Every unit is quality-checked before it ships."],
+    },
+    "playful": {
+        "open": ["{Greet} the {category} of your dreams: {colour}, {material} and {ready} {use}!"],
+        "greet": ["Behold", "Ta-da, here is"],
+        "ready": ["ready", "totally ready"],
+        "feature": ["Bonus: {noun}, so {benefit}!", "Plus: {noun}, so {benefit}!"],
+        "material": ["The {material} is tough enough for all your adventures."],
+        "close": ["Go on, treat yourself!", "Go on, you deserve it!"],
+        "extra": ["Your friends will definitely ask where you got it."],
+    },
+    "luxurious": {
+        "open": ["Indulge in an exquisite {colour} {category}, {shaped} from the finest {material} "
+                 "{use}."],
+        "shaped": ["fashioned", "shaped"],
+        "feature": ["It is refined with {noun}, so {benefit}.",
+                    "It is finished with {noun}, so {benefit}."],
+        "material": ["The {material} brings a sense of quiet elegance to every detail."],
+        "close": ["Pure, effortless luxury.", "Timeless, effortless luxury."],
+        "extra": ["Each piece is finished by hand."],
+    },
+}
+
+
+def sample_product_attributes(rng: random.Random) -> dict[str, Any]:
+    """Draw one product: category, material, colour, 1-3 features, tone and length."""
+    category = rng.choice(sorted(_CATEGORIES))
+    _, materials, features = _CATEGORIES[category]
+    n_features = rng.randint(1, 3)
+    chosen = rng.sample(sorted(features), n_features)
+    return {
+        "category": category,
+        "material": rng.choice(materials),
+        "colour": rng.choice(_COLOURS),
+        "features": chosen,
+        "tone": rng.choice(TONES),
+        "length": rng.choice(LENGTHS),
+    }
+
+
+def render_product_prompt(attrs: dict[str, Any]) -> str:
+    """The instruction a model sees; every attribute the description depends on is listed."""
+    return (
+        "Write a product description.\n"
+        f"Category: {attrs['category']}\n"
+        f"Material: {attrs['material']}\n"
+        f"Colour: {attrs['colour']}\n"
+        f"Features: {', '.join(attrs['features'])}\n"
+        f"Tone: {attrs['tone']}\n"
+        f"Length: {attrs['length']}"
+    )
+
+
+def _fill(template: str, slots: dict[str, str]) -> str:
+    text = template.format(**slots)
+    return text[0].upper() + text[1:]
+
+
+def sample_description(attrs: dict[str, Any], rng: random.Random) -> str:
+    """Describe a product deterministically from its attributes, up to a few synonym choices.
+
+    Tone picks the sentence templates, length the number of sentences (short: opening + one
+    sentence per feature + closing; long adds a material sentence and an extra line), each feature
+    has its own phrase and each category its own use phrase. Two calls with different ``rng``s
+    differ only where a template offers two synonyms, so they agree strongly (BLEU well above 40).
+    """
+    use, _, feature_phrases = _CATEGORIES[attrs["category"]]
+    templates = _TONE_TEMPLATES[attrs["tone"]]
+    slots = {"category": attrs["category"], "material": attrs["material"],
+             "colour": attrs["colour"], "use": use}
+    for slot in ("greet", "ideal", "made", "ready", "shaped"):
+        if slot in templates:
+            slots[slot.capitalize()] = slots[slot] = rng.choice(templates[slot])
+    sentences = [_fill(rng.choice(templates["open"]), slots)]
+    if attrs["length"] == "long":
+        sentences.append(_fill(templates["material"][0], slots))
+    for name in attrs["features"]:
+        noun, benefit = feature_phrases[name]
+        sentences.append(_fill(rng.choice(templates["feature"]), {"noun": noun, "benefit": benefit}))
+    if attrs["length"] == "long":
+        sentences.append(templates["extra"][0])
+    sentences.append(rng.choice(templates["close"]))
+    return " ".join(sentences)
+
+
+def _attribute_key(attrs: dict[str, Any]) -> tuple:
+    return (attrs["category"], attrs["material"], attrs["colour"], tuple(sorted(attrs["features"])),
+            attrs["tone"], attrs["length"])
+
+
+def _unique_attributes(n: int, rng: random.Random) -> list[dict[str, Any]]:
+    """n product attribute sets with pairwise different prompts (feature order does not count)."""
+    seen, out = set(), []
+    while len(out) < n:
+        attrs = sample_product_attributes(rng)
+        key = _attribute_key(attrs)
+        if key not in seen:
+            seen.add(key)
+            out.append(attrs)
+    return out
+
+
+def product_descriptions(n: int = 1000, seed: int = 0) -> list[Record]:
+    """The worked example's prompt/completion pairs; all prompts unique, same seed -> same data.
+
+    >>> print(product_descriptions(1)[0]["prompt"].splitlines()[0])
+    Write a product description.
+    """
+    rng = random.Random(seed)
+    return [{"prompt": render_product_prompt(a), "completion": sample_description(a, rng)}
+            for a in _unique_attributes(n, rng)]
+
+
+def product_agreement_bleu(n: int = 200, seed: int = 0) -> float:
+    """Corpus BLEU between two independent descriptions of the same n products.
+
+    This is the ceiling a perfect model can expect against a single reference: it shows how much of
+    the score is lost to harmless wording variation (high but below 100).
+    """
+    import sacrebleu
+
+    attrs = _unique_attributes(n, random.Random(seed))
+    rng_a, rng_b = random.Random(f"{seed}-a"), random.Random(f"{seed}-b")
+    hyps = [sample_description(a, rng_a) for a in attrs]
+    refs = [sample_description(a, rng_b) for a in attrs]
+    return float(sacrebleu.corpus_bleu(hyps, [refs]).score)
+
+
+def write_product_csv(path: str | os.PathLike, records: Sequence[Record]) -> None:
+    """Write prompt/completion pairs as CSV (multi-line prompts are quoted) for the JSONL-vs-CSV lesson."""
+    write_csv(path, records)
+
+
+# ------------------------------------------------------------------------------ noisy product file
+
+NOISE_COUNTS = {
+    "exact_duplicate": 50,
+    "variant_duplicate": 50,
+    "empty_prompt": 15,
+    "empty_completion": 15,
+    "too_long": 20,
+    "malformed": 1,
+}
+MALFORMED_LINE = 17  # 1-based physical line of the single invalid-JSON line
+_LONG_REPEAT = 12  # an over-long completion is the original repeated this many times
+
+
+def _variant(record: Record, kind: str) -> Record:
+    """A copy that looks different but cleans back to exactly the same text."""
+    prompt, completion = record["prompt"], record["completion"]
+    if kind == "nfd":
+        return {"prompt": prompt, "completion": unicodedata.normalize("NFD", completion)}
+    if kind == "spaces":
+        return {"prompt": "  " + prompt, "completion": completion.replace(" ", "   ", 3) + " \t"}
+    if kind == "crlf":
+        return {"prompt": prompt.replace("\n", "\r\n"), "completion": completion}
+    if kind == "zero_width":
+        return {"prompt": prompt.replace(": ", ":\u200b ", 1), "completion": "\ufeff" + completion}
+    # "nbsp_control": a no-break space and a stray BEL control character
+    return {"prompt": prompt, "completion": completion.replace(" ", "\u00a0", 1) + "\x07"}
+
+
+def _stray_whitespace(record: Record, rng: random.Random) -> Record:
+    """Noise that cleaning removes; the record stays unique, so it is kept (cleaned)."""
+    noisy = dict(record)
+    field = rng.choice(["prompt", "completion"])
+    before, after = rng.choice([(" ", " "), ("", "\n"), ("\t", ""), ("", "\u200b"), ("", "  ")])
+    noisy[field] = before + noisy[field] + after
+    return noisy
+
+
+def noisy_product_descriptions_jsonl(seed: int = 0) -> str:
+    """Raw JSONL text (about 1,150 lines) that needs curating before training.
+
+    Built from ``product_descriptions(1000, seed)``: every original once (some with stray whitespace
+    or zero-width characters), plus, per :data:`NOISE_COUNTS`, exact duplicates, variant duplicates
+    that become exact after :func:`~lumorik_sft.data.clean_text` (NFD, extra spaces, CRLF, zero-width,
+    NBSP), empty prompts/completions (possibly only whitespace), over-long rows (a completion repeated
+    many times), a few blank lines, some CRLF line ends, a BOM, and exactly one invalid-JSON line at
+    line :data:`MALFORMED_LINE`. Curating with skip_invalid and a token limit keeps exactly the
+    1,000 originals.
+    """
+    rng = random.Random(f"noisy-{seed}")
+    originals = product_descriptions(1000, seed)
+    rows = [_stray_whitespace(r, rng) if rng.random() < 0.1 else r for r in originals]
+    rows += [dict(r) for r in rng.sample(originals, NOISE_COUNTS["exact_duplicate"])]
+    accented = [r for r in originals if not r["completion"].isascii()]
+    kinds = ["nfd", "spaces", "crlf", "zero_width", "nbsp_control"]
+    for i in range(NOISE_COUNTS["variant_duplicate"]):
+        kind = kinds[i % len(kinds)]
+        rows.append(_variant(rng.choice(accented if kind == "nfd" else originals), kind))
+    for _ in range(NOISE_COUNTS["empty_prompt"]):
+        rows.append({"prompt": rng.choice(["", "  ", "\u200b", "\n"]),
+                     "completion": rng.choice(originals)["completion"]})
+    for _ in range(NOISE_COUNTS["empty_completion"]):
+        rows.append({"prompt": rng.choice(originals)["prompt"], "completion": rng.choice(["", " "])})
+    for r in rng.sample(originals, NOISE_COUNTS["too_long"]):
+        rows.append({"prompt": r["prompt"], "completion": " ".join([r["completion"]] * _LONG_REPEAT)})
+    rng.shuffle(rows)
+    lines = [json.dumps(r, ensure_ascii=False) + rng.choice(["\n"] * 9 + ["\r\n"]) for r in rows]
+    for _ in range(3):
+        lines.insert(rng.randrange(MALFORMED_LINE, len(lines)), "\n")  # blank lines, after line 17
+    truncated = json.dumps(rng.choice(originals), ensure_ascii=False)[:60]
+    lines.insert(MALFORMED_LINE - 1, truncated + "\n")  # a record cut off mid-string: invalid JSON
+    return "\ufeff" + "".join(lines)
+
+
+def write_noisy_product_descriptions(path: str | os.PathLike, seed: int = 0) -> None:
+    """Write :func:`noisy_product_descriptions_jsonl` byte for byte (CRLFs and BOM preserved)."""
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        fh.write(noisy_product_descriptions_jsonl(seed))
+
+
+# ---------------------------------------------------------------------------------------- health Q&A
+
+HEALTH_SAFETY_NOTE = "This is general information, not medical advice."
+
+# topic -> answers per question type
+_HEALTH_TOPICS: dict[str, dict[str, str]] = {
+    "the common cold": {
+        "symptoms": "a runny or blocked nose, sneezing, a sore throat and a mild cough",
+        "home": "rest, drink plenty of fluids and keep warm; symptoms usually improve within "
+                "a week to ten days",
+        "doctor": "symptoms last more than three weeks, breathing becomes difficult or a high "
+                  "temperature does not settle",
+        "prevent": "wash your hands often, avoid touching your face and keep shared surfaces clean",
+    },
+    "seasonal allergies": {
+        "symptoms": "sneezing, itchy or watery eyes and a runny nose when pollen levels are high",
+        "home": "keep windows closed on high-pollen days, shower after being outdoors and ask a "
+                "pharmacist about suitable antihistamines",
+        "doctor": "symptoms disturb sleep or daily life, or you notice wheezing or chest tightness",
+        "prevent": "check pollen forecasts, wear wraparound sunglasses outside and dry laundry indoors",
+    },
+    "a minor burn": {
+        "symptoms": "red, painful skin and sometimes small blisters over a small area",
+        "home": "cool the burn under cool running water for twenty minutes, remove jewellery nearby "
+                "and cover it loosely with cling film",
+        "doctor": "the burn is larger than your hand, on the face, hands or genitals, or the skin "
+                  "looks white or charred",
+        "prevent": "turn pan handles inwards, test bath water before getting in and keep hot "
+                   "drinks away from children",
+    },
+    "a sprained ankle": {
+        "symptoms": "pain, swelling and bruising around the ankle and difficulty putting weight on it",
+        "home": "rest it, apply a cold pack wrapped in a towel, and keep the foot raised when "
+                "you can",
+        "doctor": "you cannot stand on the foot, the ankle looks misshapen or the pain does not "
+                  "improve after a few days",
+        "prevent": "warm up before exercise, wear supportive shoes and take care on uneven ground",
+    },
+    "dehydration": {
+        "symptoms": "thirst, dark yellow urine, dizziness, tiredness and a dry mouth",
+        "home": "sip water or diluted squash regularly, and use oral rehydration solutions "
+                "after vomiting or diarrhoea",
+        "doctor": "you feel confused, cannot keep fluids down, or have not passed urine for "
+                  "many hours",
+        "prevent": "drink regularly through the day, especially in hot weather and during exercise",
+    },
+    "trouble sleeping": {
+        "symptoms": "difficulty falling asleep, waking often in the night and feeling tired "
+                    "during the day",
+        "home": "keep regular sleep times, avoid screens before bed and limit caffeine after midday",
+        "doctor": "poor sleep lasts for months or seriously affects your mood or daily life",
+        "prevent": "keep the bedroom dark and cool, and get some daylight and exercise each day",
+    },
+    "heartburn": {
+        "symptoms": "a burning feeling in the chest, often after eating, and a sour taste in "
+                    "the mouth",
+        "home": "eat smaller meals, avoid eating late at night and raise the head of your bed "
+                "slightly",
+        "doctor": "heartburn happens most days, you have trouble swallowing or you are losing "
+                  "weight without trying",
+        "prevent": "notice which foods trigger it, cut down on alcohol and avoid lying down "
+                   "after meals",
+    },
+    "a tension headache": {
+        "symptoms": "a dull ache or a feeling of pressure on both sides of the head",
+        "home": "rest, drink water, relax your neck and shoulders and take regular screen breaks",
+        "doctor": "the headache is sudden and severe, follows a head injury or comes with "
+                  "a stiff neck or fever",
+        "prevent": "manage stress, keep a good posture, sleep regularly and stay hydrated",
+    },
+    "sunburn": {
+        "symptoms": "hot, red, sore skin that may peel or blister a few days later",
+        "home": "get out of the sun, cool the skin with a cool shower and use an aloe vera "
+                "or after-sun cream",
+        "doctor": "the skin blisters over a large area, or you feel feverish, dizzy or sick",
+        "prevent": "use a high-factor sunscreen, wear a hat and stay in the shade around midday",
+    },
+    "a mild fever": {
+        "symptoms": "feeling hot or shivery, a raised temperature, aches and tiredness",
+        "home": "rest, drink plenty of fluids and wear light clothing",
+        "doctor": "the fever lasts more than a few days, is very high, or comes with a rash, "
+                  "confusion or breathing problems",
+        "prevent": "wash hands regularly and keep up to date with recommended vaccinations",
+    },
+}
+
+_HEALTH_QUESTIONS = {
+    "symptoms": ("What are the common symptoms of {topic}?",
+                 "How can I tell if I have {topic}?",
+                 "Which signs usually come with {topic}?"),
+    "home": ("How can I ease {topic} at home?",
+             "What self-care helps with {topic}?",
+             "What can I do at home about {topic}?"),
+    "doctor": ("When should I see a doctor about {topic}?",
+               "When is {topic} a reason to get medical help?",
+               "How do I know if {topic} needs a doctor?"),
+    "prevent": ("How can I prevent {topic}?",
+                "What lowers the chance of getting {topic}?",
+                "How do I avoid {topic}?"),
+}
+
+_HEALTH_ANSWER = {
+    "symptoms": "Common signs of {topic} include {text}.",
+    "home": "For {topic}, it usually helps to {text}.",
+    "doctor": "See a doctor about {topic} if {text}.",
+    "prevent": "To lower the chance of {topic}, {text}.",
+}
+
+# person the question is about -> extra advice sentence in the answer
+_HEALTH_PEOPLE = {
+    "an adult": "",
+    "a child": "For a child, contact a doctor or nurse sooner, especially if they are very young "
+               "or seem unusually unwell. ",
+    "an older adult": "For older adults, seek advice earlier, especially with other health "
+                      "conditions or regular medicines. ",
+}
+
+
+def health_qa(n: int = 200, seed: int = 0) -> list[Record]:
+    """Synthetic health-information Q&A: the answer follows from topic, question type and person.
+
+    General information only, never dosing; every answer ends with :data:`HEALTH_SAFETY_NOTE`.
+    360 distinct questions exist (10 topics x 4 question types x 3 phrasings x 3 people).
+    """
+    combos = [(t, q, i, p) for t in _HEALTH_TOPICS for q in _HEALTH_QUESTIONS
+              for i in range(3) for p in _HEALTH_PEOPLE]
+    if n > len(combos):
+        raise ValueError(f"health_qa has {len(combos)} distinct questions; asked for n={n}")
+    records = []
+    for topic, qtype, phrasing, person in random.Random(seed).sample(combos, n):
+        question = _HEALTH_QUESTIONS[qtype][phrasing].format(topic=topic)
+        answer = _HEALTH_ANSWER[qtype].format(topic=topic, text=_HEALTH_TOPICS[topic][qtype])
+        records.append({
+            "prompt": f"Answer the health question.\nAsking about: {person}\nQuestion: {question}",
+            "completion": f"{answer} {_HEALTH_PEOPLE[person]}{HEALTH_SAFETY_NOTE}",
+        })
+    return records
+
+
+# ----------------------------------------------------------------------------------- case summaries
+
+_PLAINTIFFS = ("Harbor Lane Bakery", "Mira Okafor", "Tessel Robotics Ltd", "Jonas Feld",
+               "Greenway Cooperative", "Priya Raman", "Old Mill Brewing", "Lucia Brandt")
+_DEFENDANTS = ("Northgate Property Group", "Calder Logistics", "Dr. Samuel Reyes", "Brightpath Media",
+               "Westfield Motors", "Kestrel Software Inc", "Oakridge Council", "Vela Apparel")
+_AMOUNTS = ("12,000", "48,500", "150,000", "7,250", "320,000", "95,000")
+
+# claim type -> (claim phrase, two alternative fact patterns)
+_CLAIMS: dict[str, tuple[str, tuple[str, str]]] = {
+    "breach of contract": ("breach of contract", (
+        "{d} agreed in writing to deliver equipment by March but delivered it four months late.",
+        "{d} stopped paying monthly invoices halfway through a two-year service agreement.")),
+    "negligence": ("negligence", (
+        "{p} was injured after slipping on an unmarked wet floor in premises run by {d}.",
+        "A delivery van operated by {d} reversed into a parked vehicle owned by {p}.")),
+    "unpaid deposit": ("the return of a rental deposit", (
+        "{d} kept the full deposit when {p} moved out, citing wear and tear.",
+        "{d} refused to return the deposit, claiming the flat needed repainting.")),
+    "unfair dismissal": ("unfair dismissal", (
+        "{p} was dismissed by {d} without a warning or a hearing after ten years of service.",
+        "{d} ended the employment of {p} two weeks after a complaint about safety.")),
+    "copyright infringement": ("copyright infringement", (
+        "{d} used photographs taken by {p} in an advertising campaign without a licence.",
+        "{d} published software code written by {p} under its own name.")),
+    "defamation": ("defamation", (
+        "{d} published an article stating that {p} had been convicted of fraud, which was untrue.",
+        "{d} posted online reviews claiming {p} sold counterfeit goods.")),
+}
+
+# outcome -> (sentence in the case text, summary clause)
+_OUTCOMES = {
+    "plaintiff": ("The court found for {p} and awarded {amount_text}.",
+                  "the court found for {p} and awarded {amount_text}"),
+    "defendant": ("The court dismissed the claim, finding that {d} was not liable.",
+                  "the court dismissed the claim, finding {d} not liable"),
+    "partial": ("The court found {d} partly liable and awarded half of the sum claimed.",
+                "the court found {d} partly liable and awarded half the sum claimed"),
+    "settled": ("Before judgment, the parties settled on confidential terms.",
+                "the parties settled on confidential terms before judgment"),
+}
+
+
+def case_summaries(n: int = 200, seed: int = 0) -> list[Record]:
+    """Synthetic legal cases (parties, claim, facts, outcome) with 1-2 sentence summaries.
+
+    The summary is determined by the case: who sued whom, for what and for how much, and the
+    outcome; a second sentence gives the key fact.
+    """
+    rng = random.Random(seed)
+    seen: set[tuple] = set()
+    records: list[Record] = []
+    while len(records) < n:
+        key = (rng.choice(_PLAINTIFFS), rng.choice(_DEFENDANTS), rng.choice(sorted(_CLAIMS)),
+               rng.randrange(2), rng.choice(_AMOUNTS), rng.choice(sorted(_OUTCOMES)))
+        if key not in seen:
+            seen.add(key)
+            records.append(_case_record(*key))
+    return records
+
+
+def _case_record(p: str, d: str, claim: str, fact: int, amount: str, outcome: str) -> Record:
+    claim_phrase, facts = _CLAIMS[claim]
+    slots = {"p": p, "d": d, "amount_text": f"{amount} dollars in damages"}
+    fact_text = facts[fact].format(**slots)
+    outcome_text, outcome_clause = (s.format(**slots) for s in _OUTCOMES[outcome])
+    case = (f"{p} brought a claim against {d} for {claim_phrase}, seeking {amount} dollars. "
+            f"{fact_text} {d} denied the claim and argued that it had acted reasonably. "
+            f"The matter was heard in the district court. {outcome_text}")
+    summary = (f"{p} sued {d} for {claim_phrase}, seeking {amount} dollars, and {outcome_clause}. "
+               f"Key fact: {fact_text}")
+    return {"prompt": f"Summarize the case in one or two sentences.\nCase: {case}",
+            "completion": summary}
+
+
+# ------------------------------------------------------------------------------------- registry
+
+COURSE_DATASETS: dict[str, Callable[..., list[Record]]] = {
+    "products": product_descriptions,
+    "health": health_qa,
+    "cases": case_summaries,
+}
+
+
+def load_course_dataset(name: str, n: int | None = None, seed: int = 0) -> list[Record]:
+    """One of :data:`COURSE_DATASETS` by name; ``n=None`` uses that set's default size."""
+    if name not in COURSE_DATASETS:
+        raise ValueError(f"unknown course dataset {name!r}; choose from {sorted(COURSE_DATASETS)}")
+    make = COURSE_DATASETS[name]
+    return make(seed=seed) if n is None else make(n=n, seed=seed)
