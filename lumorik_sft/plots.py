@@ -1,0 +1,100 @@
+"""Plots for training runs: loss curves from a `TrainResult` or its saved history.json.
+
+Figures are built with matplotlib's object API (`matplotlib.figure.Figure`), never through
+pyplot's global state and never with `matplotlib.use`: that works headless (the Agg canvas
+is used to save), leaves a notebook's inline backend alone, and Jupyter still displays a
+returned Figure. Pass ``ax=`` to draw into a pyplot or subplot axes of your own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator
+
+
+def _history(history: Any) -> dict[str, list[dict[str, Any]]]:
+    """Accept a TrainResult, its `to_dict()`, or the path of a history.json."""
+    if isinstance(history, (str, Path)):
+        history = json.loads(Path(history).read_text())
+    if not isinstance(history, Mapping):
+        history = history.to_dict()
+    if "steps" not in history or "epochs" not in history:
+        raise ValueError("history needs 'steps' and 'epochs' lists: pass the TrainResult "
+                         "returned by train(), its to_dict(), or a history.json path")
+    return {"steps": list(history["steps"]), "epochs": list(history["epochs"])}
+
+
+def _epoch_midpoints(epochs: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """(mid-epoch step, train loss) for each trained epoch."""
+    points, previous = [], 0
+    for e in epochs:
+        if e.get("train_loss") is not None:
+            points.append(((previous + e["step"]) / 2, e["train_loss"]))
+        previous = e["step"]
+    return points
+
+
+def _exp(x: Any) -> Any:
+    import numpy as np
+
+    return np.exp(np.clip(x, -50, 50))
+
+
+def _log(x: Any) -> Any:
+    import numpy as np
+
+    return np.log(np.clip(x, 1e-22, None))
+
+
+def plot_loss_curves(
+    history: Any, *, ax: Axes | None = None, path: str | Path | None = None
+) -> Figure:
+    """Training loss per step (light), train and validation loss per epoch (markers).
+
+    The x axis is optimizer steps. Validation markers sit at the step that ended their
+    epoch (epoch 0, the base model before training, at step 0); an epoch's train loss is an
+    average over its steps, so its marker sits mid-epoch. The right axis reads the loss axis
+    as perplexity, exp(loss). Saves a PNG when `path` is given.
+    """
+    hist = _history(history)
+    if ax is None:
+        fig = Figure(figsize=(7, 4), layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure  # type: ignore[assignment]
+    steps = hist["steps"]
+    if steps:
+        ax.plot([s["step"] for s in steps], [s["loss"] for s in steps],
+                color="tab:blue", alpha=0.35, linewidth=1, label="train loss (per step)")
+    trained = _epoch_midpoints(hist["epochs"])
+    if trained:
+        ax.plot([x for x, _ in trained], [y for _, y in trained],
+                "o-", color="tab:blue", label="train loss (epoch)")
+    val = [e for e in hist["epochs"] if e.get("val_loss") is not None]
+    if val:
+        ax.plot([e["step"] for e in val], [e["val_loss"] for e in val],
+                "s--", color="tab:orange", label="validation loss")
+        right = ax.secondary_yaxis("right", functions=(_exp, _log))
+        right.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        right.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        right.set_ylabel("perplexity = exp(loss)")
+        last = val[-1]
+        ppl = last.get("val_perplexity") or math.exp(min(last["val_loss"], 700))
+        ax.set_title(f"val loss {last['val_loss']:.3f}, perplexity {ppl:.2f} "
+                     f"(epoch {last['epoch']})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (NLL per completion token)")
+    ax.grid(alpha=0.3)
+    if steps or trained or val:
+        ax.legend(loc="upper right")
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    return fig  # type: ignore[return-value]
