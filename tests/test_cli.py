@@ -63,3 +63,18 @@ def test_generate_needs_a_prompt(capsys):
 def test_parser_lists_all_commands():
     text = build_parser().format_help()
     assert all(c in text for c in COMMANDS)
+
+
+def test_demo_runs_end_to_end_in_fast_mode(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LUMORIK_FAST", "1")
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for stage in ("1. Data curation", "2. Tokenization", "3. Training", "4b. Evaluation after SFT"):
+        assert stage in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["curation"]["train"], summary["curation"]["val"]) == (900, 100)
+    assert summary["after"]["loss"] < summary["before"]["loss"]
+    assert len(summary["after"]["predictions"]) == 8
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert (out / "model" / "final" / "config.json").exists()

@@ -1,0 +1,221 @@
+"""`lumorik-sft`: the command line. It parses arguments and calls the library, nothing more.
+
+    lumorik-sft demo                       # the whole pipeline on the embedded model and data
+    lumorik-sft data raw.jsonl --out data  # curate, dedupe, filter, split 90/10
+    lumorik-sft train --train data/train.jsonl --val data/val.jsonl --out run
+    lumorik-sft eval --model run/final --data data/val.jsonl
+    lumorik-sft generate --model run/final --prompt "Write a product description. ..."
+
+Bad input exits with status 2 and one line naming the problem, never a traceback
+(set LUMORIK_DEBUG=1 to see the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError, KeyError)
+
+
+def _add_model_arg(p: argparse.ArgumentParser, default_help: str = "the embedded base model") -> None:
+    p.add_argument("--model", default=None,
+                   help=f"Hugging Face model name or local path (default: {default_help})")
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from lumorik_sft import data, encoding
+
+    length_fn = None
+    if args.max_tokens is not None:
+        from lumorik_sft.models import load_model_and_tokenizer
+
+        _, tokenizer = load_model_and_tokenizer(args.model, device="cpu")
+
+        def length_fn(r: dict) -> int:
+            return encoding.pair_length(tokenizer, r["prompt"], r["completion"])
+
+    report = data.run_curation(
+        args.input, args.out, val_fraction=args.val_fraction, seed=args.seed,
+        skip_invalid=args.skip_invalid, max_tokens=args.max_tokens, length_fn=length_fn,
+        prompt_field=args.prompt_field, completion_field=args.completion_field,
+        messages_field=args.messages_field,
+    )
+    print(report.summary())
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lumorik_sft import data, encoding, training
+    from lumorik_sft.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    train_ex, rep = encoding.encode_records(data.read_jsonl(args.train), tokenizer,
+                                            max_length=args.max_length)
+    val_ex = None
+    if args.val:
+        val_ex, _ = encoding.encode_records(data.read_jsonl(args.val), tokenizer,
+                                            max_length=args.max_length)
+    print(f"encoded {rep.encoded} training examples ({rep.completion_tokens} supervised tokens)")
+    config = training.TrainConfig(
+        learning_rate=args.lr, batch_size=args.batch_size, grad_accum_steps=args.grad_accum,
+        epochs=args.epochs, warmup_ratio=args.warmup_ratio, seed=args.seed, device=args.device,
+        precision=args.precision, output_dir=args.out, max_steps=args.max_steps,
+    )
+    result = training.train(model, tokenizer, train_ex, val_ex, config, resume=args.resume)
+    for ep in result.epochs:
+        print(json.dumps(ep))
+    return 130 if result.interrupted else 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from lumorik_sft import data
+    from lumorik_sft.models import load_model_and_tokenizer
+    from lumorik_sft.pipeline import evaluate_model
+
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    report = evaluate_model(model, tokenizer, data.read_jsonl(args.data), max_length=args.max_length,
+                            n_generate=args.n_generate, max_new_tokens=args.max_new_tokens)
+    out = {k: v for k, v in report.to_dict().items() if k not in ("predictions", "references", "prompts")}
+    print(json.dumps(out, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from lumorik_sft.generation import generate_completions
+    from lumorik_sft.models import load_model_and_tokenizer
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        prompts += [json.loads(line)["prompt"] for line in Path(args.prompt_file).read_text().splitlines()
+                    if line.strip()]
+    if not prompts:
+        raise ValueError("give at least one --prompt or a --prompt-file")
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    outs = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                do_sample=args.sample, temperature=args.temperature, seed=args.seed)
+    for p, c in zip(prompts, outs, strict=True):
+        print(f"### prompt\n{p}\n### completion\n{c}\n")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lumorik_sft.pipeline import DemoSettings, fast_mode, run_demo
+
+    settings = DemoSettings.for_mode(
+        args.fast or fast_mode(), out_dir=Path(args.out), model=args.model, seed=args.seed,
+        epochs=args.epochs, learning_rate=args.lr,
+    )
+    run_demo(settings)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lumorik-sft",
+        description="Supervised fine-tuning of causal language models, offline on a CPU.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the whole pipeline end to end on the embedded model and data")
+    _add_model_arg(p)
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 3; 1 in fast mode)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: the model card's; the chapter's 5e-5 suits GPT-2)")
+    p.add_argument("--fast", action="store_true", help="tiny run in seconds (also LUMORIK_FAST=1)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("data", help="curate a JSONL/CSV file: clean, dedupe, filter, split")
+    p.add_argument("input", help="raw .jsonl or .csv file")
+    p.add_argument("--out", required=True, help="folder for train.jsonl, val.jsonl, report.json")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share (default: 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="write malformed lines to rejects.jsonl and go on, instead of stopping")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="drop pairs longer than this many tokens (with --model's tokenizer)")
+    _add_model_arg(p, "the embedded base model's tokenizer")
+    p.add_argument("--prompt-field", default="prompt", help="prompt field name (default: prompt)")
+    p.add_argument("--completion-field", default="completion",
+                   help="completion field name (default: completion)")
+    p.add_argument("--messages-field", default="messages",
+                   help="chat messages field name (default: messages)")
+    p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("train", help="fine-tune a model on curated train/val JSONL files")
+    _add_model_arg(p)
+    p.add_argument("--train", required=True, help="training JSONL (prompt, completion)")
+    p.add_argument("--val", default=None, help="validation JSONL (optional)")
+    p.add_argument("--out", required=True, help="folder for checkpoints and the final model")
+    p.add_argument("--lr", type=float, default=5e-5, help="learning rate (default: the chapter's 5e-5)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch (default: 8)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--epochs", type=int, default=3, help="epochs (default: 3)")
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="share of steps spent warming up")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per example (default: 256)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="bf16 autocast or fp32 (default: auto)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="perplexity, BLEU and ROUGE of a model on a JSONL file")
+    _add_model_arg(p)
+    p.add_argument("--data", required=True, help="JSONL with prompt and completion")
+    p.add_argument("--n-generate", type=int, default=100, help="pairs to generate for BLEU/ROUGE")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="generation length cap")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per example (default: 256)")
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default)")
+    p.add_argument("--out", default=None, help="write the full report (with predictions) as JSON")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("generate", help="complete prompts with a model")
+    _add_model_arg(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", default=None, help="JSONL file with a prompt field")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="generation length cap")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default)")
+    p.set_defaults(func=_cmd_generate)
+
+    try:
+        from lumorik_sft import pretrain
+    except ImportError:  # the recipe module is optional in a partial checkout
+        pretrain = None
+    if pretrain is not None and hasattr(pretrain, "add_arguments"):
+        p = sub.add_parser("pretrain", help="rebuild the embedded base model from its recipe")
+        pretrain.add_arguments(p)
+        p.set_defaults(func=pretrain.run_from_args)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("lumorik-sft: interrupted", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as exc:
+        if os.environ.get("LUMORIK_DEBUG"):
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"lumorik-sft: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
