@@ -78,3 +78,32 @@ def test_demo_runs_end_to_end_in_fast_mode(tmp_path, monkeypatch, capsys):
     assert len(summary["after"]["predictions"]) == 8
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert (out / "model" / "final" / "config.json").exists()
+
+
+def test_train_eval_generate_commands_on_a_local_model(tmp_path, toy_tokenizer, capsys):
+    from lumorik_sft import data, datasets
+    from lumorik_sft.models import build_model
+
+    base = tmp_path / "base"
+    build_model("llama", toy_tokenizer, n_layer=1, width=32, n_head=2, context=256).save_pretrained(base)
+    toy_tokenizer.save_pretrained(base)
+    records = datasets.health_qa(n=24, seed=0)
+    data.write_jsonl(tmp_path / "train.jsonl", records[:20])
+    data.write_jsonl(tmp_path / "val.jsonl", records[20:])
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(base), "--train", str(tmp_path / "train.jsonl"),
+                 "--val", str(tmp_path / "val.jsonl"), "--out", str(run), "--lr", "1e-2",
+                 "--epochs", "1", "--batch-size", "4", "--precision", "fp32"]) == 0
+    epochs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [e["epoch"] for e in epochs] == [0, 1] and epochs[1]["val_loss"] < epochs[0]["val_loss"]
+    assert (run / "checkpoint.pt").exists() and (run / "final" / "tokenizer.json").exists()
+
+    assert main(["eval", "--model", str(run / "final"), "--data", str(tmp_path / "val.jsonl"),
+                 "--n-generate", "2", "--max-new-tokens", "8", "--out", str(tmp_path / "e.json")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["loss"] == pytest.approx(epochs[1]["val_loss"], rel=1e-4)
+    assert len(json.loads((tmp_path / "e.json").read_text())["predictions"]) == 2
+
+    assert main(["generate", "--model", str(run / "final"), "--prompt", records[0]["prompt"],
+                 "--max-new-tokens", "8"]) == 0
+    assert "### completion" in capsys.readouterr().out
