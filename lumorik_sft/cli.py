@@ -51,7 +51,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from lumorik_sft import data, encoding, training
-    from lumorik_sft.models import load_model_and_tokenizer
+    from lumorik_sft.models import embedded_model_path, load_model_and_tokenizer
+    from lumorik_sft.pipeline import recommended_learning_rate
 
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     train_ex, rep = encoding.encode_records(data.read_jsonl(args.train), tokenizer,
@@ -60,9 +61,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.val:
         val_ex, _ = encoding.encode_records(data.read_jsonl(args.val), tokenizer,
                                             max_length=args.max_length)
-    print(f"encoded {rep.encoded} training examples ({rep.completion_tokens} supervised tokens)")
+    source = args.model or str(embedded_model_path())
+    lr = args.lr if args.lr is not None else recommended_learning_rate(source, model)
+    print(f"encoded {rep.encoded} training examples ({rep.completion_tokens} supervised tokens); lr {lr:g}")
     config = training.TrainConfig(
-        learning_rate=args.lr, batch_size=args.batch_size, grad_accum_steps=args.grad_accum,
+        learning_rate=lr, batch_size=args.batch_size, grad_accum_steps=args.grad_accum,
         epochs=args.epochs, warmup_ratio=args.warmup_ratio, seed=args.seed, device=args.device,
         precision=args.precision, output_dir=args.out, max_steps=args.max_steps,
     )
@@ -155,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="training JSONL (prompt, completion)")
     p.add_argument("--val", default=None, help="validation JSONL (optional)")
     p.add_argument("--out", required=True, help="folder for checkpoints and the final model")
-    p.add_argument("--lr", type=float, default=5e-5, help="learning rate (default: the chapter's 5e-5)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: the model card's sweep choice; else 5e-5, the "
+                        "chapter's, for models of 50M+ parameters and 1e-3 for smaller ones)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch (default: 8)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--epochs", type=int, default=3, help="epochs (default: 3)")

@@ -19,6 +19,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lumorik_sft import data, datasets, encoding, generation, metrics, models, training
 
 FAST_ENV = "LUMORIK_FAST"
+CHAPTER_LEARNING_RATE = 5e-5
+SMALL_MODEL_PARAMETERS = 50_000_000
 
 
 def fast_mode() -> bool:
@@ -118,16 +120,19 @@ class DemoSettings:
         return base
 
 
-def recommended_learning_rate(model_source: str) -> float:
-    """The learning rate the model card's sweep chose, else 1e-3 (a few-million-parameter model).
+def recommended_learning_rate(model_source: str, model: PreTrainedModel | None = None) -> float:
+    """The learning rate the model card's sweep chose; otherwise one that suits the model's size.
 
-    The chapter's 5e-5 suits GPT-2-size models; a 5M-parameter model barely moves with it.
+    The chapter's 5e-5 suits GPT-2-size models (100M+ parameters); a model of a few million
+    parameters barely moves with it and wants about 1e-3 (notebook 03's sweep shows both).
     """
     card = Path(model_source) / "card.json"
     if card.exists():
         lr = json.loads(card.read_text()).get("recommended_sft_learning_rate")
         if lr:
             return float(lr)
+    if model is not None and models.count_parameters(model) >= SMALL_MODEL_PARAMETERS:
+        return CHAPTER_LEARNING_RATE
     return 1e-3
 
 
@@ -172,7 +177,7 @@ def run_demo(settings: DemoSettings, echo=print) -> dict[str, Any]:
                             progress=settings.progress)
     echo(_metrics_line(before))
 
-    lr = settings.learning_rate or recommended_learning_rate(source)
+    lr = settings.learning_rate or recommended_learning_rate(source, model)
     echo(f"\n== 3. Training (lr {lr:g}, batch {settings.batch_size}, {settings.epochs} epochs) ==")
     config = training.TrainConfig(
         learning_rate=lr, batch_size=settings.batch_size, epochs=settings.epochs,
