@@ -13,11 +13,18 @@ Bad input exits with status 2 and one line naming the problem, never a traceback
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+# Commands whose arguments live beside their library code: (name, module, help).
+HOOKED_COMMANDS = [
+    ("pretrain", "lumorik_sft.pretrain", "rebuild the embedded base model from its recipe"),
+    ("notebooks", "lumorik_sft.notebooks", "check the notebooks; --execute re-runs them in place"),
+]
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError, KeyError)
 
@@ -195,14 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default)")
     p.set_defaults(func=_cmd_generate)
 
-    try:
-        from lumorik_sft import pretrain
-    except ImportError:  # the recipe module is optional in a partial checkout
-        pretrain = None
-    if pretrain is not None and hasattr(pretrain, "add_arguments"):
-        p = sub.add_parser("pretrain", help="rebuild the embedded base model from its recipe")
-        pretrain.add_arguments(p)
-        p.set_defaults(func=pretrain.run_from_args)
+    for name, module, help_text in HOOKED_COMMANDS:
+        hooks = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text)
+        hooks.add_arguments(p)
+        p.set_defaults(func=hooks.run_from_args)
     return parser
 
 

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from lumorik_sft.encoding import DEFAULT_SEPARATOR, encode_prompts_for_generation
 from lumorik_sft.models import prepare_tokenizer
+from lumorik_sft.progress import progress_quiet
 
 
 def context_length(model: PreTrainedModel) -> int | None:
@@ -66,7 +67,7 @@ def generate_completions(
     outputs: list[str] = []
     starts = range(0, len(prompts), batch_size)
     try:
-        for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
+        for start in tqdm(starts, desc="generate", disable=progress_quiet(progress), leave=False):
             batch = encode_prompts_for_generation(
                 tokenizer, prompts[start : start + batch_size], separator=separator,
                 max_prompt_tokens=max_prompt,

@@ -44,6 +44,7 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 from lumorik_sft.encoding import IGNORE_INDEX, SFTCollator
 from lumorik_sft.metrics import completion_nll, evaluate_loss
 from lumorik_sft.models import prepare_tokenizer, resolve_device
+from lumorik_sft.progress import progress_quiet
 
 CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "history.json"
@@ -689,9 +690,8 @@ def _fmt(x: float | None) -> str:
 def _progress_bar(run: _Run) -> Any:
     from tqdm.auto import tqdm
 
-    quiet = (not run.config.progress or bool(os.environ.get("CI"))
-             or os.environ.get("TQDM_DISABLE", "") not in ("", "0"))
-    return tqdm(total=run.total_steps, initial=run.progress.global_step, disable=quiet,
+    return tqdm(total=run.total_steps, initial=run.progress.global_step,
+                disable=progress_quiet(run.config.progress),
                 desc="train", unit="step", dynamic_ncols=True)
 
 
