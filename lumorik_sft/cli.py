@@ -24,6 +24,8 @@ from pathlib import Path
 HOOKED_COMMANDS = [
     ("pretrain", "lumorik_sft.pretrain", "rebuild the embedded base model from its recipe"),
     ("notebooks", "lumorik_sft.notebooks", "check the notebooks; --execute re-runs them in place"),
+    ("exercises", "lumorik_sft.exercises", "generate exercises/ from solutions/ (build [--check])"),
+    ("grade", "lumorik_sft.grading", "grade student notebooks in sandboxed processes"),
 ]
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError, KeyError)

@@ -10,7 +10,7 @@ import pytest
 
 from lumorik_sft.cli import build_parser, main
 
-COMMANDS = ["demo", "data", "train", "eval", "generate", "pretrain", "notebooks"]
+COMMANDS = ["demo", "data", "train", "eval", "generate", "pretrain", "notebooks", "exercises", "grade"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

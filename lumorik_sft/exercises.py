@@ -1,0 +1,205 @@
+"""Generate the exercise notebooks from the solution notebooks, and check they are in sync.
+
+``solutions/`` is the only source. In a solution's code cell, a region between a line
+``# SOLUTION`` and a line ``# END SOLUTION`` (same indentation) is the part students write::
+
+    def collate(features, pad_token_id):
+        \"\"\"Right-pad ...\"\"\"                 <- kept
+        # SOLUTION
+        # HINT: width = max(len(f["input_ids"]) for f in features)   <- kept in the stub
+        width = ...                          <- removed
+        # END SOLUTION
+
+becomes ``# HINT: ...`` lines plus ``raise NotImplementedError("collate: ...")``. A region with
+``# STUB: ANSWER_Q1 = None`` lines (answers to questions) becomes those lines instead. In markdown
+cells, text between ``<!-- SOLUTION -->`` and ``<!-- END SOLUTION -->`` is removed. Outputs and
+execution counts are stripped; everything else is copied unchanged. Output is deterministic
+(nbformat's stable JSON), so CI can compare::
+
+    python -m lumorik_sft.exercises build            # write exercises/ from solutions/
+    python -m lumorik_sft.exercises build --check    # exit 1 if exercises/ differ (CI)
+
+(`lumorik-sft exercises build [--check]` once the CLI registers `add_arguments`/`run_from_args`.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "build", "check", "generate_notebook", "main", "run_from_args", "stub_source"]
+
+_START = re.compile(r"^(?P<indent>[ \t]*)# SOLUTION[ \t]*$")
+_END = re.compile(r"^[ \t]*# END SOLUTION[ \t]*$")
+_HINT = re.compile(r"^[ \t]*# HINT:")
+_STUB = re.compile(r"^[ \t]*# STUB:(?P<code>.*)$")
+_DEF = re.compile(r"^(?P<indent>[ \t]*)(?:async[ \t]+)?def[ \t]+(?P<name>\w+)")
+_MD_REGION = re.compile(r"<!--\s*SOLUTION\s*-->.*?<!--\s*END SOLUTION\s*-->\n?", re.DOTALL)
+
+
+class ExerciseSourceError(ValueError):
+    """A malformed solution region; the message names the notebook and cell."""
+
+
+def _enclosing_function(lines: list[str], indent: str) -> str | None:
+    for line in reversed(lines):
+        m = _DEF.match(line)
+        if m and len(m.group("indent")) < len(indent):
+            return m.group("name")
+    return None
+
+
+def stub_source(source: str, where: str = "cell") -> str:
+    """Replace every ``# SOLUTION`` ... ``# END SOLUTION`` region of a code cell by its stub."""
+    lines = source.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        start = _START.match(lines[i])
+        if not start:
+            if _END.match(lines[i]):
+                raise ExerciseSourceError(f"{where}: line {i + 1}: '# END SOLUTION' without '# SOLUTION'")
+            out.append(lines[i])
+            i += 1
+            continue
+        indent = start.group("indent")
+        j = i + 1
+        while j < len(lines) and not _END.match(lines[j]):
+            if _START.match(lines[j]):
+                raise ExerciseSourceError(f"{where}: line {j + 1}: nested '# SOLUTION'")
+            j += 1
+        if j == len(lines):
+            raise ExerciseSourceError(f"{where}: line {i + 1}: '# SOLUTION' without '# END SOLUTION'")
+        region = lines[i + 1 : j]
+        hints = [indent + line.strip() for line in region if _HINT.match(line)]
+        stubs = [indent + m.group("code").strip() for line in region if (m := _STUB.match(line))]
+        out.extend(hints)
+        if stubs:
+            out.extend(stubs)
+        else:
+            name = _enclosing_function(out, indent)
+            what = f"{name}: write the body" if name else "write this part"
+            tail = " (see the hints above)" if hints else ""
+            out.append(f'{indent}raise NotImplementedError("{what}{tail}")')
+        i = j + 1
+    result = "\n".join(out)
+    try:
+        ast.parse(result)
+    except SyntaxError as err:
+        raise ExerciseSourceError(f"{where}: the generated stub does not parse: {err}") from None
+    return result
+
+
+def generate_notebook(nb: Any, name: str = "notebook") -> Any:
+    """The exercise version of a solution notebook (a new nbformat object)."""
+    out = copy.deepcopy(nb)
+    for index, cell in enumerate(out.cells):
+        where = f"{name}: cell {index}"
+        if cell.cell_type == "code":
+            cell.source = stub_source(cell.source, where)
+            cell.outputs = []
+            cell.execution_count = None
+            cell.metadata.pop("execution", None)
+        elif cell.cell_type == "markdown":
+            cell.source = _MD_REGION.sub("", cell.source)
+    return out
+
+
+def _render(nb: Any) -> str:
+    import nbformat
+
+    text = nbformat.writes(nb)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _expected(solutions: Path) -> dict[str, str]:
+    import nbformat
+
+    paths = sorted(p for p in solutions.glob("*.ipynb"))
+    if not paths:
+        raise FileNotFoundError(f"no solution notebooks in {solutions}")
+    return {p.name: _render(generate_notebook(nbformat.read(p, as_version=4), p.name)) for p in paths}
+
+
+def build(solutions: str | Path = "solutions", out: str | Path = "exercises") -> list[Path]:
+    """Write the exercise notebooks; remove exercise notebooks with no solution. Returns written paths."""
+    expected = _expected(Path(solutions))
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("*.ipynb"):
+        if stale.name not in expected:
+            stale.unlink()
+    written = []
+    for name, text in expected.items():
+        path = out_dir / name
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8", newline="\n")
+        written.append(path)
+    return written
+
+
+def check(solutions: str | Path = "solutions", out: str | Path = "exercises") -> list[str]:
+    """Problems that make the committed exercises differ from what `build` would write (empty = in sync)."""
+    expected = _expected(Path(solutions))
+    out_dir = Path(out)
+    problems = []
+    for name, text in expected.items():
+        path = out_dir / name
+        if not path.exists():
+            problems.append(f"{path}: missing")
+        elif path.read_text(encoding="utf-8") != text:
+            problems.append(f"{path}: differs from what solutions/{name} generates")
+    if out_dir.is_dir():
+        problems += [
+            f"{p}: has no solution notebook"
+            for p in sorted(out_dir.glob("*.ipynb"))
+            if p.name not in expected
+        ]
+    return problems
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``lumorik-sft exercises``: ``build [--check] [--solutions DIR] [--out DIR]``."""
+    parser.add_argument("action", choices=["build"], help="generate exercises/ from solutions/")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if the committed exercises differ (for CI)",
+    )
+    parser.add_argument("--solutions", default="solutions", help="solution notebooks (default: solutions)")
+    parser.add_argument("--out", default="exercises", help="exercise notebooks (default: exercises)")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    if args.check:
+        problems = check(args.solutions, args.out)
+        for p in problems:
+            print(p)
+        if problems:
+            print(
+                f"exercises are out of date: run `lumorik-sft exercises build` ({len(problems)} problem(s))"
+            )
+            return 1
+        print(f"{args.out} is in sync with {args.solutions}")
+        return 0
+    written = build(args.solutions, args.out)
+    print(f"wrote {len(written)} exercise notebook(s) to {args.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lumorik_sft.exercises", description=__doc__.split("\n")[0]
+    )
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,822 @@
+"""Grade a class's exercise notebooks so that no student's code can change a verdict.
+
+    python -m lumorik_sft.grading SUBMISSIONS --out OUT [--workers 2] [--timeout 20] [--memory-mb 4096]
+
+(`lumorik-sft grade ...` once the CLI registers `add_arguments`/`run_from_args`.) ``SUBMISSIONS`` holds
+one folder per student with their copies of the exercise notebooks, under the same file names; a
+missing notebook scores 0 for its exercises. Writes ``OUT/gradebook.csv`` (a row per student, a column
+per exercise, a total), ``OUT/feedback/<student>.md`` and ``OUT/results.json``.
+
+How a verdict is made, and why student code cannot change it:
+
+1. The grader draws a secret seed per run (``--seed`` only for reproducing a run) and builds every
+   exercise's hidden cases with the same ``make_cases`` the notebook checks use
+   (:mod:`lumorik_sft.checks`); answers precomputed for the check cases do not help.
+2. Each student's code runs in ONE fresh interpreter (``sys.executable -I``), in an empty temporary
+   working directory, with a scrubbed environment (no path to the solutions or the submissions), an
+   address-space limit (``RLIMIT_AS``), a CPU-time limit, a per-exercise alarm inside the child, and a
+   per-phase watchdog in the parent that kills the whole process group. The child receives the
+   notebooks' code and the hidden inputs on stdin; it runs the code cells (minus magics and the
+   ``checks.`` calls, each cell in its own try/except), calls the student's functions on the inputs and
+   writes their outputs back as JSON data on a dedicated pipe, one record per exercise. Nothing is
+   unpickled, and stdout is discarded (printing "passed" is noise).
+3. The grader computes the expected outputs with the package's reference functions and compares them
+   with the returned data in its own process (``checks.judge``): monkeypatching ``lumorik_sft.checks`` or a
+   reference inside the child changes nothing here. In the child, those modules are also restored
+   from a snapshot before each exercise, and calling the reference an exercise mirrors fails it.
+4. If the child dies (``os._exit``, a segfault, the OOM killer) or hangs, the exercise in progress gets
+   ``error``, ``out of memory`` or ``timeout`` and a fresh child goes on with the remaining ones.
+
+Statuses: passed, failed, error, timeout, out of memory, missing. Each exercise earns
+``points * passed_cases / cases``. One student's failure never stops the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import json
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ExerciseGrade",
+    "GradingConfig",
+    "StudentGrade",
+    "add_arguments",
+    "grade",
+    "grade_student",
+    "main",
+    "run_from_args",
+]
+
+STATUSES = ("passed", "failed", "error", "timeout", "out of memory", "missing")
+_GRACE_S = 5.0  # the parent's watchdog allows this much beyond the child's own alarm
+_MAX_RECORD_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class GradingConfig:
+    """Limits for one student's child process."""
+
+    timeout: float = 20.0  # seconds per exercise (all its cases) and per notebook cell
+    memory_mb: int = 4096  # address space; importing torch alone maps ~2.2 GB
+    startup_timeout: float = 180.0  # interpreter start and imports, under load
+    max_restarts: int = 8  # fresh children after a crash/hang, per student
+
+
+@dataclass
+class ExerciseGrade:
+    name: str
+    notebook: str
+    points: float
+    score: float = 0.0
+    status: str = "missing"
+    passed_cases: int = 0
+    n_cases: int = 0
+    feedback: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StudentGrade:
+    student: str
+    exercises: dict[str, ExerciseGrade]
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return round(sum(e.score for e in self.exercises.values()), 4)
+
+
+# ================================================================================= parent side
+
+
+def _exercise_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "big")
+
+
+@dataclass
+class _Plan:
+    """The hidden cases and expected outputs of one grading run, computed once in the grader."""
+
+    names: list[str]
+    cases: dict[str, list[dict[str, Any]]]
+    expected: dict[str, list[Any]]
+
+
+def _make_plan(seed: int, names: Sequence[str] | None = None) -> _Plan:
+    from lumorik_sft import checks
+
+    chosen = list(names) if names else list(checks.EXERCISES)
+    cases, expected = {}, {}
+    for name in chosen:
+        ex = checks.EXERCISES[name]
+        cases[name] = ex.make_cases(_exercise_seed(seed, name))
+        expected[name] = [ex.reference(c) for c in cases[name]]
+    return _Plan(chosen, cases, expected)
+
+
+def _child_env(home: Path) -> dict[str, str]:
+    """Only what the interpreter needs: no PYTHONPATH, no path to solutions or submissions."""
+    return {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(home),
+        "TMPDIR": str(home),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "HF_HOME": str(home / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MPLBACKEND": "Agg",
+        "TQDM_DISABLE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+
+
+_BOOTSTRAP = """
+import resource, sys
+limit = int(sys.argv[1]) * 1024 * 1024
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+cpu = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
+from lumorik_sft.grading import _child_main
+_child_main(int(sys.argv[3]))
+"""
+
+
+@dataclass
+class _ChildRun:
+    records: list[dict[str, Any]]
+    finished: bool
+    phase: dict[str, Any] | None  # what was running when the child died
+    death: str  # "", "timeout", "out of memory", "error"
+    detail: str
+
+
+def _read_stderr_tail(path: Path, n: int = 2000) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - n))
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL cannot be ignored
+        proc.wait(timeout=10)
+
+
+def _run_child(job: dict[str, Any], config: GradingConfig, scratch: Path) -> _ChildRun:
+    """Start one child on `job`, follow its records with per-phase deadlines, classify its end."""
+    private = Path(tempfile.mkdtemp(dir=scratch, prefix="run-"))
+    home = private / "home"
+    work = home / "work"
+    work.mkdir(parents=True)
+    job_path = private / "job.json"
+    job_path.write_text(json.dumps(job), encoding="utf-8")
+    stderr_path = private / "stderr.txt"
+    n_cells = sum(len(cells) for cells in job["notebooks"].values())
+    cpu_budget = int(config.startup_timeout + config.timeout * (len(job["exercises"]) + n_cells + 2) + 30)
+    read_fd, write_fd = os.pipe()
+    with open(job_path, "rb") as stdin, open(stderr_path, "wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", _BOOTSTRAP, str(config.memory_mb), str(cpu_budget), str(write_fd)],
+            stdin=stdin,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            cwd=work,
+            env=_child_env(home),
+            pass_fds=(write_fd,),
+            start_new_session=True,
+            close_fds=True,
+        )
+    os.close(write_fd)
+    records: list[dict[str, Any]] = []
+    phase: dict[str, Any] | None = {"phase": "startup"}
+    deadline = time.monotonic() + config.startup_timeout
+    buffer = b""
+    killed_for_time = False
+    finished = False
+    received = 0
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                killed_for_time = True
+                _kill(proc)
+                break
+            ready, _, _ = select.select([read_fd], [], [], min(remaining, 1.0))
+            if not ready:
+                continue
+            chunk = os.read(read_fd, 1 << 16)
+            if not chunk:
+                break
+            received += len(chunk)
+            if received > _MAX_RECORD_BYTES * 4:
+                _kill(proc)
+                phase = phase or {}
+                phase["overflow"] = True
+                break
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # not ours (or garbled): ignored
+                if not isinstance(record, dict):
+                    continue
+                event = record.get("event")
+                if event == "begin":
+                    phase = record
+                    limit = (
+                        config.timeout * (record.get("n_cells", 0) + 1)
+                        if record.get("phase") == "load"
+                        else config.timeout
+                    )
+                    deadline = time.monotonic() + limit + _GRACE_S
+                elif event in ("loaded", "result"):
+                    records.append(record)
+                    phase = None
+                    deadline = time.monotonic() + config.timeout + _GRACE_S
+                elif event == "ready":
+                    phase = None
+                    deadline = time.monotonic() + config.timeout + _GRACE_S
+                elif event == "done":
+                    finished = True
+    finally:
+        os.close(read_fd)
+        if proc.poll() is None:
+            try:
+                proc.wait(timeout=10 if finished else 0.5)
+            except subprocess.TimeoutExpired:
+                _kill(proc)
+        tail = _read_stderr_tail(stderr_path)
+        shutil.rmtree(private, ignore_errors=True)
+    if finished:
+        return _ChildRun(records, True, None, "", "")
+    code = proc.returncode
+    if killed_for_time or code in (-signal.SIGXCPU, -signal.SIGALRM):
+        death, detail = "timeout", "did not finish in time (the process was stopped)"
+    elif phase and phase.get("overflow"):
+        death, detail = "error", "wrote too much data to the grader's channel"
+    elif (
+        "MemoryError" in tail
+        or "Cannot allocate memory" in tail
+        or "bad_alloc" in tail
+        or code == -signal.SIGKILL
+    ):
+        death, detail = "out of memory", f"the process ran out of memory (limit {config.memory_mb} MB)"
+    elif code is not None and code < 0:
+        death, detail = "error", f"the process crashed (signal {-code})"
+    else:
+        death, detail = (
+            "error",
+            (
+                f"the process ended (exit code {code}) before finishing: "
+                "did the code call os._exit() or exit the interpreter?"
+            ),
+        )
+    if phase and phase.get("phase") == "startup":
+        detail += f"\n{tail.strip()[-600:]}"
+    return _ChildRun(records, False, phase, death, detail)
+
+
+def _read_notebooks(folder: Path, names: Sequence[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Code cells of each present notebook, and why each other one is missing or unreadable."""
+    import nbformat
+
+    cells, problems = {}, {}
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            problems[name] = "missing"
+            continue
+        try:
+            if path.stat().st_size > 20 * 1024 * 1024:
+                raise ValueError("larger than 20 MB")
+            nb = nbformat.read(path, as_version=4)
+            cells[name] = [c.source for c in nb.cells if c.cell_type == "code"]
+        except Exception as err:  # malformed JSON, wrong format: that notebook scores 0
+            problems[name] = f"could not read the notebook: {type(err).__name__}: {str(err)[:200]}"
+    return cells, problems
+
+
+def _oom(out: Any) -> bool:
+    if not isinstance(out, dict):
+        return False
+    if out.get("oom"):
+        return True
+    raised, message = out.get("raised"), str(out.get("message", "")).lower()
+    return raised == "MemoryError" or (
+        raised == "RuntimeError" and ("alloc" in message or "out of memory" in message)
+    )
+
+
+def _judge_exercise(grade: ExerciseGrade, ex: Any, cases: list, expected: list, outputs: list) -> None:
+    from lumorik_sft import checks
+
+    grade.n_cases = len(cases)
+    feedback, passed, timeouts, ooms, raised = [], 0, 0, 0, 0
+    for i, case in enumerate(cases):
+        got = outputs[i] if i < len(outputs) else {"timeout": True}
+        if isinstance(got, dict) and got.get("timeout"):
+            timeouts += 1
+            feedback.append(f"case {i}: timed out")
+            continue
+        if _oom(got):
+            ooms += 1
+            feedback.append(f"case {i}: ran out of memory")
+            continue
+        line = checks.judge(ex, case, expected[i], got)
+        if line is None:
+            passed += 1
+        else:
+            raised += int(isinstance(got, dict) and ("raised" in got or "used_reference" in got))
+            feedback.append(f"case {i}: {line}")
+    grade.passed_cases = passed
+    grade.score = round(ex.points * passed / len(cases), 4) if cases else 0.0
+    if timeouts:
+        grade.status = "timeout"
+    elif ooms:
+        grade.status = "out of memory"
+    elif passed == len(cases):
+        grade.status = "passed"
+    elif passed == 0 and raised == len(cases):
+        grade.status = "error"
+    else:
+        grade.status = "failed"
+    grade.feedback = _dedupe_lines(feedback)
+
+
+def _dedupe_lines(lines: list[str], limit: int = 4) -> list[str]:
+    """Keep the first few distinct messages (ignoring the case number)."""
+    seen, out = set(), []
+    for line in lines:
+        key = re.sub(r"^case \d+: ", "", line)
+        if key not in seen:
+            seen.add(key)
+            out.append(line)
+    if len(out) > limit:
+        out = out[:limit] + [f"... {len(out) - limit} more distinct problem(s)"]
+    return out
+
+
+def grade_student(
+    folder: str | Path, plan: _Plan, config: GradingConfig, scratch: str | Path
+) -> StudentGrade:
+    """Grade one student's folder; never raises for anything the student's code does."""
+    from lumorik_sft import checks
+
+    start = time.monotonic()
+    folder = Path(folder)
+    exercises = {n: checks.EXERCISES[n] for n in plan.names}
+    grades = {n: ExerciseGrade(n, ex.notebook, ex.points) for n, ex in exercises.items()}
+    result = StudentGrade(folder.name, grades)
+    notebooks = list(dict.fromkeys(ex.notebook for ex in exercises.values()))
+    cells, problems = _read_notebooks(folder, notebooks)
+    for name, problem in problems.items():
+        for g in grades.values():
+            if g.notebook == name:
+                g.status = "missing" if problem == "missing" else "error"
+                g.feedback = [f"{name} is missing from the submission" if problem == "missing" else problem]
+                g.n_cases = len(plan.cases[g.name])
+    remaining = [n for n in plan.names if exercises[n].notebook in cells]
+    outputs: dict[str, list] = {}
+    attempts = 0
+    while remaining and attempts <= config.max_restarts:
+        attempts += 1
+        job = {
+            "timeout": config.timeout,
+            "notebooks": {nb: cells[nb] for nb in dict.fromkeys(exercises[n].notebook for n in remaining)},
+            "exercises": [
+                {
+                    "name": n,
+                    "notebook": exercises[n].notebook,
+                    "symbol": exercises[n].symbol,
+                    "kind": exercises[n].kind,
+                    "cases": plan.cases[n],
+                }
+                for n in remaining
+            ],
+        }
+        run = _run_child(job, config, Path(scratch))
+        for record in run.records:
+            if record.get("event") == "result" and record.get("exercise") in grades:
+                outputs[record["exercise"]] = record.get("outputs", [])
+            elif record.get("event") == "loaded" and record.get("errors"):
+                shown = "; ".join(record["errors"][:3])
+                result.notes.append(f"{record.get('notebook')}: cells that raised while loading: {shown}")
+        done = set(outputs)
+        if not run.finished:
+            culprit = run.phase or {}
+            if culprit.get("phase") == "exercise" and culprit.get("exercise") in grades:
+                victims = [culprit["exercise"]]
+            elif culprit.get("phase") == "load":
+                victims = [
+                    n for n in remaining if exercises[n].notebook == culprit.get("notebook") and n not in done
+                ]
+            else:  # startup failed, or the end came between phases: give up on what is left
+                victims = [n for n in remaining if n not in done]
+            for n in victims:
+                g = grades[n]
+                g.status, g.n_cases, g.score = run.death, len(plan.cases[n]), 0.0
+                where = "while loading its notebook" if culprit.get("phase") == "load" else "while running it"
+                g.feedback = [f"{where}: {run.detail}"]
+                done.add(n)
+        remaining = [n for n in remaining if n not in done]
+    for n in remaining:  # restarts exhausted
+        grades[n].status, grades[n].feedback = (
+            "error",
+            ["not graded: too many crashes of the grading process"],
+        )
+    for n, outs in outputs.items():
+        _judge_exercise(grades[n], exercises[n], plan.cases[n], plan.expected[n], outs)
+    result.seconds = round(time.monotonic() - start, 2)
+    return result
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^\w.-]", "_", name) or "_"
+
+
+def _feedback_markdown(student: StudentGrade, max_total: float) -> str:
+    lines = [
+        f"# Feedback for {student.student}",
+        "",
+        f"**Total: {student.total:g} / {max_total:g}**",
+        "",
+        "| exercise | notebook | status | score | cases passed |",
+        "|---|---|---|---|---|",
+    ]
+    for g in student.exercises.values():
+        lines.append(
+            f"| {g.name} | {g.notebook} | {g.status} | {g.score:g} / {g.points:g} | "
+            f"{g.passed_cases}/{g.n_cases} |"
+        )
+    details = [g for g in student.exercises.values() if g.status != "passed"]
+    if details:
+        lines += ["", "## What to fix", ""]
+        for g in details:
+            lines.append(f"### {g.name} ({g.status})")
+            lines += [f"- {f}" for f in g.feedback] or ["- (no details)"]
+            lines.append("")
+    if student.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in student.notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _write_outputs(out: Path, plan: _Plan, students: list[StudentGrade], seed_note: str) -> None:
+    from lumorik_sft import checks
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "feedback").mkdir(exist_ok=True)
+    max_total = sum(checks.EXERCISES[n].points for n in plan.names)
+    with open(out / "gradebook.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["student", *plan.names, "total"])
+        for s in students:
+            writer.writerow([s.student, *(f"{s.exercises[n].score:g}" for n in plan.names), f"{s.total:g}"])
+    for s in students:
+        (out / "feedback" / f"{_safe_name(s.student)}.md").write_text(
+            _feedback_markdown(s, max_total), encoding="utf-8"
+        )
+    summary = {
+        "max_total": max_total,
+        "seed": seed_note,
+        "points": {n: checks.EXERCISES[n].points for n in plan.names},
+        "students": [
+            {
+                "student": s.student,
+                "total": s.total,
+                "seconds": s.seconds,
+                "notes": s.notes,
+                "exercises": {n: asdict(g) for n, g in s.exercises.items()},
+            }
+            for s in students
+        ],
+    }
+    (out / "results.json").write_text(
+        json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+
+
+def grade(
+    submissions: str | Path,
+    out: str | Path,
+    *,
+    workers: int = 2,
+    config: GradingConfig | None = None,
+    seed: int | None = None,
+    exercises: Sequence[str] | None = None,
+    progress: bool = True,
+) -> list[StudentGrade]:
+    """Grade every student folder under `submissions` in parallel; write the gradebook and feedback."""
+    from tqdm.auto import tqdm
+
+    config = config or GradingConfig()
+    root = Path(submissions)
+    if not root.is_dir():
+        raise FileNotFoundError(f"submissions folder {root} does not exist")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise FileNotFoundError(f"no student folders in {root} (expected one folder per student)")
+    seed_note = "fixed (--seed)" if seed is not None else "secret"
+    seed = secrets.randbits(63) if seed is None else seed
+    plan = _make_plan(seed, exercises)
+    results: dict[str, StudentGrade] = {}
+    scratch = Path(tempfile.mkdtemp(prefix="lumorik-grade-"))
+    try:
+        with (
+            ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
+            tqdm(total=len(folders), desc="grading", unit="student", disable=not progress) as bar,
+        ):
+            futures = {pool.submit(grade_student, f, plan, config, scratch): f for f in folders}
+            for future in as_completed(futures):
+                folder = futures[future]
+                try:
+                    results[folder.name] = future.result()
+                except Exception as err:  # a grader bug for one student must not stop the class
+                    from lumorik_sft import checks
+
+                    grades = {
+                        n: ExerciseGrade(
+                            n,
+                            checks.EXERCISES[n].notebook,
+                            checks.EXERCISES[n].points,
+                            status="error",
+                            feedback=[f"grader error: {err!r}"],
+                        )
+                        for n in plan.names
+                    }
+                    results[folder.name] = StudentGrade(folder.name, grades, [f"grader error: {err!r}"])
+                bar.update(1)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    ordered = [results[f.name] for f in folders]
+    _write_outputs(Path(out), plan, ordered, seed_note)
+    return ordered
+
+
+# ================================================================================== child side
+
+
+class _Timeout(BaseException):
+    """Raised by SIGALRM in the child; a BaseException so `except Exception` cannot swallow it."""
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise _Timeout()
+
+
+def _is_checks_call(node: Any) -> bool:
+    """A top-level statement that calls ``checks.<...>`` or a ``check_*`` function: not run."""
+    import ast
+
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Call):
+            f = sub.func
+            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "checks":
+                return True
+            if isinstance(f, ast.Name) and f.id.startswith("check_"):
+                return True
+    return False
+
+
+def _compile_cell(source: str, index: int) -> Any:
+    """Compile a code cell without its magics and its ``checks.`` calls; raises SyntaxError."""
+    import ast
+
+    if source.lstrip().startswith("%%"):
+        return None
+    lines = []
+    for line in source.split("\n"):
+        stripped = line.lstrip()
+        if stripped.startswith(("%", "!")):
+            lines.append(line[: len(line) - len(stripped)] + "pass")
+        else:
+            lines.append(line)
+    tree = ast.parse("\n".join(lines), filename=f"<cell {index}>")
+    tree.body = [node for node in tree.body if not _is_checks_call(node)]
+    return compile(tree, f"<cell {index}>", "exec")
+
+
+class _Snapshot:
+    """The dicts of the modules the grading relies on, restored before each exercise runs.
+
+    Names added to our own modules are removed (a module global would shadow a builtin there);
+    third-party modules keep added names, since importing a submodule adds one.
+    """
+
+    def __init__(self, own: list[Any], others: list[Any]) -> None:
+        self.saved = [(m.__dict__, dict(m.__dict__), True) for m in own]
+        self.saved += [(m.__dict__, dict(m.__dict__), False) for m in others]
+
+    def restore(self) -> None:
+        for d, saved, strict in self.saved:
+            if strict:
+                for key in [k for k in d if k not in saved]:
+                    del d[key]
+            d.update(saved)
+
+
+def _child_main(result_fd: int) -> None:  # pragma: no cover - runs in the child process
+    import builtins
+    import copy
+    import io
+
+    job = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+    sys.stdin = io.StringIO("")
+    channel = os.fdopen(result_fd, "w", encoding="utf-8", buffering=1)
+    write_line, dumps = channel.write, json.dumps  # bound now: a patched module cannot reach them
+
+    def emit(record: dict[str, Any]) -> None:
+        try:
+            text = dumps(record, allow_nan=True)
+        except (TypeError, ValueError) as err:
+            text = dumps(
+                {
+                    **{k: v for k, v in record.items() if k != "outputs"},
+                    "outputs": [{"raised": "NotData", "message": str(err)}],
+                }
+            )
+        if len(text) > _MAX_RECORD_BYTES:
+            text = dumps(
+                {
+                    **{k: v for k, v in record.items() if k != "outputs"},
+                    "outputs": [{"raised": "NotData", "message": "the output is far too large"}],
+                }
+            )
+        write_line(text + "\n")
+
+    import torch
+
+    torch.set_num_threads(1)
+    from lumorik_sft import checks, data, encoding, metrics, training
+
+    exercises = {e["name"]: checks.EXERCISES[e["name"]] for e in job["exercises"]}
+    run_case, raised_data = checks.run_case, checks._raised
+    snapshot = _Snapshot([checks, data, encoding, metrics, training], [builtins, json, copy, torch])
+    checks.toy_tokenizer()  # built before any student code runs
+    signal.signal(signal.SIGALRM, _alarm)
+    timeout = float(job["timeout"])
+    emit({"event": "ready"})
+    namespaces: dict[str, dict[str, Any]] = {}
+    for item in job["exercises"]:
+        nb = item["notebook"]
+        if nb not in namespaces:
+            cells = job["notebooks"][nb]
+            emit({"event": "begin", "phase": "load", "notebook": nb, "n_cells": len(cells)})
+            ns: dict[str, Any] = {
+                "__name__": "__main__",
+                "__builtins__": builtins,
+                "display": lambda *a, **k: None,
+            }
+            errors = []
+            for index, source in enumerate(cells):
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, timeout)
+                    code = _compile_cell(source, index)
+                    if code is not None:
+                        exec(code, ns)
+                except _Timeout:
+                    errors.append(f"cell {index}: timed out after {timeout:g} s")
+                except BaseException as err:  # SystemExit, KeyboardInterrupt, anything: next cell
+                    errors.append(f"cell {index}: {type(err).__name__}: {str(err)[:150]}")
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            namespaces[nb] = ns
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+            emit({"event": "loaded", "notebook": nb, "errors": errors})
+        ns = namespaces[nb]
+        snapshot.restore()
+        emit({"event": "begin", "phase": "exercise", "exercise": item["name"]})
+        ex = exercises[item["name"]]
+        obj = ns.get(item["symbol"])
+        outputs: list[Any] = []
+        try:
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+            for case in item["cases"]:
+                try:
+                    outputs.append(run_case(ex, obj, case, fn_globals=ns))
+                except _Timeout:
+                    raise
+                except MemoryError:
+                    outputs.append({"oom": True})
+                except BaseException as err:  # SystemExit and friends
+                    outputs.append(raised_data(err))
+                if _oom(outputs[-1]):  # the other cases would only exhaust memory again
+                    outputs += [{"oom": True}] * (len(item["cases"]) - len(outputs))
+                    break
+        except _Timeout:
+            outputs += [{"timeout": True}] * (len(item["cases"]) - len(outputs))
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        emit({"event": "result", "exercise": item["name"], "outputs": outputs})
+    emit({"event": "done"})
+    channel.flush()
+    os._exit(0)  # skip interpreter teardown (and any atexit hook a student registered)
+
+
+# ========================================================================================= CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``lumorik-sft grade``."""
+    parser.add_argument(
+        "submissions", help="folder with one sub-folder per student (their exercise notebooks)"
+    )
+    parser.add_argument(
+        "--out", required=True, help="where to write gradebook.csv, feedback/ and results.json"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="students graded in parallel (default: 2)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=GradingConfig.timeout,
+        help="seconds per exercise and per notebook cell (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--memory-mb",
+        type=int,
+        default=GradingConfig.memory_mb,
+        help="address-space limit of each student's process in MB (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--exercise",
+        action="append",
+        default=None,
+        help="grade only this exercise (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="fix the hidden cases' seed, to reproduce a run (default: a secret random seed)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    from lumorik_sft import checks
+
+    unknown = [n for n in (args.exercise or []) if n not in checks.EXERCISES]
+    if unknown:
+        print(f"unknown exercise(s) {', '.join(unknown)}; choose from {', '.join(checks.EXERCISES)}")
+        return 2
+    if args.workers < 1 or args.timeout <= 0 or args.memory_mb < 512:
+        print("--workers must be >= 1, --timeout > 0 and --memory-mb >= 512")
+        return 2
+    config = GradingConfig(timeout=args.timeout, memory_mb=args.memory_mb)
+    start = time.perf_counter()
+    students = grade(
+        args.submissions,
+        args.out,
+        workers=args.workers,
+        config=config,
+        seed=args.seed,
+        exercises=args.exercise,
+        progress=not args.no_progress,
+    )
+    seconds = time.perf_counter() - start
+    for s in students:
+        statuses = ", ".join(f"{g.name}={g.status}" for g in s.exercises.values() if g.status != "passed")
+        print(f"{s.student}: {s.total:g}" + (f"  ({statuses})" if statuses else ""))
+    print(f"graded {len(students)} student(s) in {seconds:.1f} s; wrote {args.out}/gradebook.csv")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lumorik_sft.grading", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
