@@ -64,6 +64,10 @@ def _kernel_env(fast: bool, quiet_progress: bool) -> dict[str, str]:
     if quiet_progress:
         # tqdm.auto would otherwise commit ipywidgets progress bars into the outputs.
         env["TQDM_DISABLE"] = "1"
+        env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # save_pretrained's shard bar, likewise
+    # A committed notebook must read on GitHub, which cannot render live widgets: executed
+    # notebooks take the widgets' plain-output fallback (lumorik_sft.widgets).
+    env["LUMORIK_WIDGETS"] = "0"
     return env
 
 
