@@ -11,18 +11,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from lumorik_sft.checks import TOY_TEXTS  # noqa: E402  (one toy corpus for tests and checks)
 from lumorik_sft.models import build_model, train_bpe_tokenizer  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-TOY_TEXTS = [
-    "Write a product description.\nCategory: backpack\nMaterial: canvas\nColour: navy",
-    "A sturdy navy canvas backpack with a padded laptop sleeve and a water-resistant zip.",
-    "Question: What is a fever?\nAnswer: A fever is a body temperature above the normal range.",
-    "Summarise the case: The tenant sued the landlord over an unreturned deposit.",
-    "The court found for the tenant and ordered the deposit returned with interest.",
-    "def add(a, b):\n    return a + b  # Python functions return values.",
-] * 20
 
 
 @pytest.fixture(scope="session")
