@@ -41,12 +41,13 @@ def prompt_ids(
 
     Special tokens are added here (a Llama tokenizer's BOS) and never to the completion.
     """
-    return list(tokenizer(prompt + separator, add_special_tokens=True)["input_ids"])
+    # verbose=False: length is checked by `truncate_pair`, not by the tokenizer's warning.
+    return list(tokenizer(prompt + separator, add_special_tokens=True, verbose=False)["input_ids"])
 
 
 def completion_ids(tokenizer: PreTrainedTokenizerBase, completion: str) -> list[int]:
     """Token ids of the completion followed by EOS, so the model learns where to stop."""
-    ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(completion, add_special_tokens=False, verbose=False)["input_ids"])
     return [*ids, tokenizer.eos_token_id]
 
 

@@ -33,7 +33,7 @@ class CharTokenizerStub:
     eos_token = "<eos>"
     pad_token = "<pad>"
 
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+    def __call__(self, text: str, add_special_tokens: bool = True, verbose: bool = True) -> dict:
         return {"input_ids": [ord(c) - ord("a") + 2 for c in text]}
 
     def decode(self, ids: list[int]) -> str:
