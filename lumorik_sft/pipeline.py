@@ -107,8 +107,9 @@ class DemoSettings:
     learning_rate: float | None = None  # None: the model card's recommendation, else 1e-3
     max_length: int = 256
     n_generate: int = 100
-    max_new_tokens: int = 96
+    max_new_tokens: int = 128  # the longest product descriptions need ~120 tokens
     n_train: int | None = None  # cap on training examples (fast mode)
+    precision: str = "auto"  # bf16 autocast on a bf16-capable CPU or GPU (~2.8x faster here)
     progress: bool = True
 
     @classmethod
@@ -179,10 +180,14 @@ def run_demo(settings: DemoSettings, echo=print) -> dict[str, Any]:
 
     lr = settings.learning_rate or recommended_learning_rate(source, model)
     echo(f"\n== 3. Training (lr {lr:g}, batch {settings.batch_size}, {settings.epochs} epochs) ==")
+    from lumorik_sft.pretrain import resolve_pretrain_precision
+
+    precision = resolve_pretrain_precision(settings.precision, next(model.parameters()).device)
+    echo(f"precision: {precision}")
     config = training.TrainConfig(
         learning_rate=lr, batch_size=settings.batch_size, epochs=settings.epochs,
         warmup_ratio=0.05, seed=settings.seed, output_dir=str(out / "model"),
-        progress=settings.progress,
+        progress=settings.progress, precision=precision,
     )
     result = training.train(model, tokenizer, train_ex, val_ex, config)
     for ep in result.epochs[1:]:
