@@ -153,7 +153,8 @@ def run_demo(settings: DemoSettings, echo=print) -> dict[str, Any]:
 
     echo("== 1. Data curation ==")
     report = data.run_curation(
-        raw, out / "data", seed=settings.seed, skip_invalid=True, max_tokens=settings.max_length,
+        # Twice the context: longer is a broken row; 256-512 tokens get their prompt cut at encoding.
+        raw, out / "data", seed=settings.seed, skip_invalid=True, max_tokens=2 * settings.max_length,
         length_fn=lambda r: encoding.pair_length(tokenizer, r["prompt"], r["completion"]),
     )
     echo(report.summary())
