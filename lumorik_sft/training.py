@@ -9,7 +9,9 @@ zero_grad()``. `train` keeps that shape and fixes what the chapter gets wrong or
 - `torch.optim.AdamW` with decoupled weight decay, linear warmup and decay, gradient clipping;
 - validation loss and perplexity, token-weighted, before training and after every epoch;
 - seeded, reproducible runs; checkpoints that resume to the same weights, even mid-epoch
-  and with dropout on, and a clean stop on Ctrl-C (SIGINT) or SIGTERM.
+  and with dropout on, and a clean stop on Ctrl-C (SIGINT) or SIGTERM;
+- optional packing (``packing='bfd'`` or ``'length'``, see `lumorik_sft.packing`) and
+  data-parallel processes under ``accelerate launch`` (see `lumorik_sft.distributed`).
 
 Smoke run from a shell (a tiny GPT-2 on toy pairs, a few seconds on a CPU)::
 
@@ -41,9 +43,18 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup, set_seed
 
+from lumorik_sft.distributed import DataParallel, setup_data_parallel
 from lumorik_sft.encoding import IGNORE_INDEX, SFTCollator
 from lumorik_sft.metrics import completion_nll, evaluate_loss
 from lumorik_sft.models import prepare_tokenizer, resolve_device
+from lumorik_sft.packing import (
+    PACKING_MODES,
+    PackedCollator,
+    count_input_tokens,
+    make_collator,
+    plan_micro_batches,
+    shard_micro_batch,
+)
 from lumorik_sft.progress import progress_quiet
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -56,7 +67,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # continue the same run, so `train(resume=...)` refuses them.
 _RESUME_MUST_MATCH = (
     "learning_rate", "batch_size", "grad_accum_steps", "epochs", "warmup_ratio",
-    "warmup_steps", "weight_decay", "max_grad_norm", "seed", "shuffle", "max_steps",
+    "warmup_steps", "weight_decay", "max_grad_norm", "seed", "shuffle", "max_steps", "packing",
 )
 
 Batch = dict[str, torch.Tensor]
@@ -72,7 +83,8 @@ class TrainConfig:
 
     Optimisation: learning_rate, batch_size, grad_accum_steps, epochs, warmup_ratio,
     warmup_steps, weight_decay, max_grad_norm, max_steps.
-    Reproducibility: seed, shuffle. Hardware: device, precision, eval_batch_size.
+    Reproducibility: seed, shuffle. Hardware: device, precision, eval_batch_size, packing,
+    pack_length, pad_to_multiple_of.
     Output: output_dir, log_every, progress.
     """
 
@@ -110,6 +122,16 @@ class TrainConfig:
         "help": "Show a tqdm progress bar (also off when env CI or TQDM_DISABLE is set)."})
     shuffle: bool = field(default=True, metadata={
         "help": "Shuffle examples each epoch, in an order rebuilt from (seed, epoch)."})
+    packing: str = field(default="none", metadata={
+        "help": "'none': pad each micro-batch to its longest row; 'bfd': pack the same "
+                "micro-batch best-fit decreasing into rows with block-diagonal masks (same "
+                "loss, less padding); 'length': batch examples of similar length together."})
+    pack_length: int | None = field(default=None, metadata={
+        "help": "Row length for packing='bfd' (e.g. the encoding's max_length); None: the "
+                "longest example of each micro-batch, so rows are never wider than padding."})
+    pad_to_multiple_of: int | None = field(default=None, metadata={
+        "help": "Round each training micro-batch's width up to a multiple of this (e.g. 64): "
+                "fewer distinct shapes for kernels that cache per shape (oneDNN bf16 on CPU)."})
 
     def __post_init__(self) -> None:
         if isinstance(self.output_dir, Path):
@@ -139,6 +161,16 @@ class TrainConfig:
         if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
             yield (f"max_grad_norm must be >= 0 or None, got {self.max_grad_norm!r}; "
                    "use None or 0 to disable clipping")
+        if self.packing not in PACKING_MODES:
+            yield (f"packing must be one of {', '.join(PACKING_MODES)}, got {self.packing!r}; "
+                   "'bfd' keeps the padded loop's batches and losses with less padding")
+        if self.pack_length is not None and (not isinstance(self.pack_length, int)
+                                             or self.pack_length < 1):
+            yield f"pack_length must be an integer >= 1 or None, got {self.pack_length!r}"
+        if self.pad_to_multiple_of is not None and (not isinstance(self.pad_to_multiple_of, int)
+                                                    or self.pad_to_multiple_of < 1):
+            yield (f"pad_to_multiple_of must be an integer >= 1 or None, "
+                   f"got {self.pad_to_multiple_of!r}")
         if self.precision not in PRECISIONS:
             yield f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
         if self.max_steps is not None and (not isinstance(self.max_steps, int)
@@ -272,6 +304,9 @@ def accumulate_gradients(
     micro_batches: Sequence[Mapping[str, torch.Tensor]],
     *,
     autocast_dtype: torch.dtype | None = None,
+    n_total: int | None = None,
+    grad_scale: float = 1.0,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> StepLoss:
     """Backprop the micro-batches of one optimizer step so they equal one big batch.
 
@@ -281,18 +316,28 @@ def accumulate_gradients(
     micro-batches with short completions. Micro-batches with no supervised token are skipped
     (no forward, no 0/0). Gradients are added to ``.grad``; the caller zeroes them.
     ``autocast_dtype=torch.bfloat16`` runs the forward passes under autocast.
+
+    Data parallel (`lumorik_sft.distributed`): ``n_total`` is the step's supervised-token
+    count summed over all processes, ``grad_scale`` the number of processes (DDP averages
+    gradients, we want their sum over N), and ``no_sync`` DDP's context that holds the
+    gradient all-reduce back until the last micro-batch; with it every micro-batch runs,
+    even one without supervised tokens, so all processes make the same collective calls.
+    The returned StepLoss then holds this process's NLL and input tokens, and ``n_total``.
     """
-    n_total = sum(count_target_tokens(b) for b in micro_batches)
-    input_tokens = sum(int(b["attention_mask"].sum().item()) for b in micro_batches)
+    if n_total is None:
+        n_total = sum(count_target_tokens(b) for b in micro_batches)
+    input_tokens = sum(count_input_tokens(b) for b in micro_batches)
     nll_total = 0.0
     if n_total == 0:
         return StepLoss(0.0, 0, input_tokens)
-    for batch in micro_batches:
-        if count_target_tokens(batch) == 0:
+    for k, batch in enumerate(micro_batches):
+        if no_sync is None and count_target_tokens(batch) == 0:
             continue
-        with _autocast(autocast_dtype, batch["input_ids"].device):
-            nll_sum, _ = completion_nll(model, batch)
-        (nll_sum / n_total).backward()
+        sync = no_sync is None or k == len(micro_batches) - 1
+        with contextlib.nullcontext() if sync else no_sync():
+            with _autocast(autocast_dtype, batch["input_ids"].device):
+                nll_sum, _ = completion_nll(model, batch)
+            (nll_sum * grad_scale / n_total).backward()
         nll_total += float(nll_sum.detach())
     return StepLoss(nll_total, n_total, input_tokens)
 
@@ -325,18 +370,44 @@ def _epoch_loader(
     order: list[int],
     skip_batches: int,
     config: TrainConfig,
-    collator: SFTCollator,
+    collator: SFTCollator | PackedCollator,
+    lengths: Sequence[int] | None = None,
+    parallel: DataParallel | None = None,
 ) -> DataLoader:
     """Micro-batches of one epoch, starting after the `skip_batches` already consumed.
 
+    The plan (`packing.plan_micro_batches`) is a pure function of the epoch order, the
+    lengths and the config, so a resumed run rebuilds it and skips what was done. With
+    several processes the plan is made for the global micro-batch (batch_size x processes)
+    and this process keeps its share; an empty share becomes a blank example (index
+    len(examples), labels all -100) so that every process runs the step.
     The loader gets a private generator: without one, each `iter(DataLoader)` draws a seed
     from the global torch RNG, which would shift dropout masks after a resume.
     """
+    parallel = parallel or DataParallel()
+    if lengths is None:
+        lengths = [len(ex["input_ids"]) for ex in examples]
+    plan = plan_micro_batches(order, lengths, config.batch_size * parallel.world_size,
+                              config.packing)[skip_batches:]
+    dataset: Sequence[Mapping[str, Sequence[int]]] = examples
+    collate: Callable[..., Batch] = collator
+    if parallel.active:
+        plan = [shard_micro_batch(b, parallel.rank, parallel.world_size) or [len(examples)]
+                for b in plan]
+        blank = {"input_ids": [collator.pad_token_id], "attention_mask": [1],
+                 "labels": [IGNORE_INDEX]}
+        dataset = [*examples, blank]
+
+        def collate(features: Sequence[Mapping[str, Sequence[int]]]) -> Batch:
+            batch = collator(features)
+            if features[0] is blank:  # segment -1: not an example token, not counted
+                batch["segment_ids"] = torch.full_like(batch["input_ids"], -1)
+            return batch
+
     return DataLoader(
-        examples,  # type: ignore[arg-type]  # a list is a map-style dataset
-        batch_size=config.batch_size,
-        sampler=order[skip_batches * config.batch_size:],
-        collate_fn=collator,
+        dataset,  # type: ignore[arg-type]  # a list is a map-style dataset
+        batch_sampler=plan,
+        collate_fn=collate,
         generator=torch.Generator().manual_seed(0),
     )
 
@@ -378,9 +449,12 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
 
 
-def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, int, int]:
-    """(steps per epoch, total optimizer steps, warmup steps) for this data and config."""
-    micro_batches = math.ceil(n_examples / config.batch_size)
+def plan_steps(n_examples: int, config: TrainConfig, world_size: int = 1) -> tuple[int, int, int]:
+    """(steps per epoch, total optimizer steps, warmup steps) for this data and config.
+
+    With `world_size` processes a micro-batch holds batch_size x world_size examples.
+    """
+    micro_batches = math.ceil(n_examples / (config.batch_size * world_size))
     per_epoch = math.ceil(micro_batches / config.grad_accum_steps)
     total = per_epoch * config.epochs
     if config.max_steps is not None:
@@ -554,9 +628,11 @@ def _resume_path(resume: bool | str | Path, config: TrainConfig) -> Path | None:
 def _check_resumable(ckpt: Mapping[str, Any], config: TrainConfig, fingerprint: str) -> None:
     """Refuse to 'continue' a run whose arithmetic would differ from the one saved."""
     saved = ckpt["config"]
-    changed = [k for k in _RESUME_MUST_MATCH if saved.get(k) != getattr(config, k)]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    changed = [k for k in _RESUME_MUST_MATCH if saved.get(k, defaults[k]) != getattr(config, k)]
     if changed:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
+        detail = ", ".join(f"{k}: {saved.get(k, defaults[k])!r} -> {getattr(config, k)!r}"
+                           for k in changed)
         raise ValueError(f"cannot resume with changed settings ({detail}); pass the saved "
                          "TrainConfig(**checkpoint['config']) or start a new run")
     if ckpt["data_fingerprint"] != fingerprint:
@@ -577,7 +653,7 @@ class _Run:
     precision: str
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    collator: SFTCollator
+    collator: SFTCollator | PackedCollator
     train_examples: Sequence[Mapping[str, Sequence[int]]]
     val_batches: list[Batch] | None
     fingerprint: str
@@ -586,6 +662,9 @@ class _Run:
     result: TrainResult
     callback: Callback | None
     started: float = field(default_factory=time.perf_counter)
+    parallel: DataParallel = field(default_factory=DataParallel)
+    forward_model: torch.nn.Module | None = None  # the DDP wrapper with several processes
+    lengths: list[int] = field(default_factory=list)
 
     def elapsed(self) -> float:
         return self.progress.elapsed + time.perf_counter() - self.started
@@ -600,6 +679,9 @@ class _Run:
 
     def save(self) -> Path | None:
         path = self.checkpoint_path()
+        if path is not None and not self.parallel.is_main:
+            self.result.checkpoint_path = str(path)  # rank 0 writes it
+            return path
         if path is not None:
             self.progress.elapsed = self.elapsed()
             self.started = time.perf_counter()
@@ -625,9 +707,16 @@ def _validate(run: _Run) -> tuple[float | None, float | None]:
 
 def _optimizer_step(run: _Run, group: list[Batch]) -> dict[str, Any] | None:
     """One accumulated step: backprop, clip, step, schedule. None if it had no tokens."""
-    cfg, prog = run.config, run.progress
-    step = accumulate_gradients(run.model, [_to_device(b, run.device) for b in group],
-                                autocast_dtype=autocast_dtype(run.precision))
+    cfg, prog, par = run.config, run.progress, run.parallel
+    batches = [_to_device(b, run.device) for b in group]
+    # Every process divides by the step's global supervised-token count (one all-reduce).
+    n_total = int(par.sum([sum(count_target_tokens(b) for b in batches)])[0])
+    step = accumulate_gradients(run.forward_model or run.model, batches,
+                                autocast_dtype=autocast_dtype(run.precision), n_total=n_total,
+                                grad_scale=par.world_size, no_sync=par.no_sync(run.forward_model))
+    if par.active:
+        nll_sum, input_tokens = par.sum([step.nll_sum, step.input_tokens])
+        step = StepLoss(nll_sum, step.n_tokens, int(input_tokens))
     prog.batches_done += len(group)
     prog.epoch_input_tokens += step.input_tokens
     if step.n_tokens == 0:
@@ -669,7 +758,7 @@ def _epoch_record(run: _Run, epoch: int) -> dict[str, Any]:
 
 
 def _log(run: _Run, text: str) -> None:
-    if run.config.log_every > 0:
+    if run.config.log_every > 0 and run.parallel.is_main:
         from tqdm.auto import tqdm
 
         tqdm.write(text)
@@ -691,7 +780,7 @@ def _progress_bar(run: _Run) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=run.total_steps, initial=run.progress.global_step,
-                disable=progress_quiet(run.config.progress),
+                disable=progress_quiet(run.config.progress) or not run.parallel.is_main,
                 desc="train", unit="step", dynamic_ncols=True)
 
 
@@ -699,7 +788,8 @@ def _run_epoch(run: _Run, stop: StopSignals, bar: Any) -> bool:
     """Train the rest of the current epoch; True when the run must stop early."""
     cfg, prog = run.config, run.progress
     order = epoch_order(len(run.train_examples), cfg.seed, prog.epoch, cfg.shuffle)
-    loader = _epoch_loader(run.train_examples, order, prog.batches_done, cfg, run.collator)
+    loader = _epoch_loader(run.train_examples, order, prog.batches_done, cfg, run.collator,
+                           run.lengths, run.parallel)
     tick = time.perf_counter()  # epoch seconds: loading + steps, not evaluation or callbacks
     for group in _step_groups(loader, cfg.grad_accum_steps):
         if prog.global_step >= run.total_steps:
@@ -755,6 +845,8 @@ def _interrupt(run: _Run, stop: StopSignals) -> None:
 
 
 def _write_history(run: _Run) -> None:
+    if not run.parallel.is_main:
+        return
     out = Path(run.config.output_dir)  # type: ignore[arg-type]
     out.mkdir(parents=True, exist_ok=True)
     (out / HISTORY_NAME).write_text(json.dumps(run.result.to_dict(), indent=2))
@@ -764,9 +856,11 @@ def _finalize(run: _Run, tokenizer: PreTrainedTokenizerBase) -> None:
     if run.config.output_dir is None:
         return
     final = Path(run.config.output_dir) / FINAL_DIR_NAME
+    run.result.final_dir = str(final)
+    if not run.parallel.is_main:
+        return
     run.model.save_pretrained(final)
     tokenizer.save_pretrained(final)
-    run.result.final_dir = str(final)
     _write_history(run)
 
 
@@ -783,16 +877,20 @@ def _setup(
     if missing:
         raise ValueError(f"examples lack {sorted(missing)}; build them with encode_records")
     set_seed(config.seed)
-    device = resolve_device(config.device)
+    parallel = setup_data_parallel(config.device)
+    device = parallel.device if parallel.active else resolve_device(config.device)
     model.to(device)
-    collator = SFTCollator(prepare_tokenizer(tokenizer).pad_token_id)
+    pad_id = prepare_tokenizer(tokenizer).pad_token_id
+    collator = make_collator(pad_id, config.packing, model, capacity=config.pack_length,
+                             pad_to_multiple_of=config.pad_to_multiple_of)
+    val_collator = SFTCollator(pad_id)  # validation is the same whatever the packing
     val_batches = None
     if val_examples:
         ebs = config.eval_batch_size
-        val_batches = [collator([val_examples[j] for j in range(i, min(i + ebs, len(val_examples)))])
+        val_batches = [val_collator([val_examples[j] for j in range(i, min(i + ebs, len(val_examples)))])
                        for i in range(0, len(val_examples), ebs)]
     optimizer = build_optimizer(model, config)
-    _, total, warmup = plan_steps(len(train_examples), config)
+    _, total, warmup = plan_steps(len(train_examples), config, parallel.world_size)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
     precision = resolve_precision(config.precision, device)
     result = TrainResult(device=str(device), precision=precision, config=config.to_dict())
@@ -800,7 +898,9 @@ def _setup(
                 optimizer=optimizer, scheduler=scheduler, collator=collator,
                 train_examples=train_examples, val_batches=val_batches,
                 fingerprint=data_fingerprint(train_examples), total_steps=total,
-                progress=_Progress(), result=result, callback=callback)
+                progress=_Progress(), result=result, callback=callback, parallel=parallel,
+                forward_model=parallel.wrap(model),
+                lengths=[len(ex["input_ids"]) for ex in train_examples])
 
 
 def _restore(run: _Run, ckpt: Mapping[str, Any]) -> None:

@@ -1,0 +1,551 @@
+"""Side-by-side SFT benchmark: the chapter's loop, ours (padded, packed, length-grouped), TRL, HF Trainer.
+
+    python benchmarks/bench_sft.py            # full run, ~10 minutes on 2 CPU cores
+    python benchmarks/bench_sft.py --quick    # seconds: tiny model, few pairs (smoke test)
+
+Every contestant trains the same model (the embedded base model, else a 4-layer width-256
+GPT-2 with a 4,096-token vocabulary built from config) on the same mixed-length pairs
+(product descriptions and the longer case summaries), encoded once by our contract (TRL and
+the HF Trainer get the same token ids and completion masks), for one epoch with the same
+learning rate, batch size, schedule (linear decay, no warmup), clipping and seed. Each runs
+in its own subprocess, so peak RSS is its own. Evaluation, every tenth of the run and at the
+end, is one function for all (`lumorik_sft.metrics.evaluate_loss`, fp32, same padded val
+batches); its time is paused out of the training clock.
+
+Throughput numerators are the same for every contestant: the completion (supervised) tokens
+and the real (non-padding) tokens of the training set. Useful FLOPs, per example of n tokens:
+``6 * N_matmul * n + 6 * n_layer * d_model * n**2`` (N_matmul = weights of every linear layer,
+the LM head included; the second term is causal attention, QK^T and AV, forward + backward),
+against the matmul peak this script measures with 2 threads in fp32 and bf16.
+
+Writes RESULTS.md, bench_sft.json and bench_sft.png to --out (default: benchmarks/); the last
+line printed gives the two headline ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+CONTESTANTS = {
+    "naive": "chapter's loop (max-length padding, labels = input_ids)",
+    "ours_padded": "ours, dynamic padding",
+    "ours_packed": "ours, packed (BFD rows, block-diagonal masks)",
+    "ours_length": "ours, length-grouped batches",
+    "trl_default": "TRL SFTTrainer, defaults",
+    "trl_packing": "TRL SFTTrainer, packing=True (bfd, padding-free)",
+    "hf_trainer": "HF Trainer + our collator",
+}
+CORRECT = [c for c in CONTESTANTS if c != "naive"]
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def matmul_peak(dtype: torch.dtype, threads: int, seconds: float = 1.0) -> float:
+    """Best FLOP/s of square matmuls (1024..2048) with `threads` threads."""
+    torch.set_num_threads(threads)
+    best = 0.0
+    for n in (1024, 1536, 2048):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.mm(a, b)  # warm up
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3:
+            torch.mm(a, b)
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import accelerate
+    import transformers
+    import trl
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl.__version__, "accelerate": accelerate.__version__,
+            "cuda": torch.cuda.is_available()}
+
+
+# --------------------------------------------------------------------------- data and model
+
+
+def make_records(quick: bool, seed: int) -> tuple[list[dict], list[dict]]:
+    from lumorik_sft.datasets import case_summaries, product_descriptions
+
+    n_prod, n_case = (48, 16) if quick else (700, 300)
+    records = product_descriptions(n_prod, seed=seed) + case_summaries(n_case, seed=seed)
+    random.Random(seed).shuffle(records)
+    n_val = max(8, len(records) // 10)
+    return records[n_val:], records[:n_val]
+
+
+def prepare_model(work: Path, quick: bool, model: str | None, texts: list[str], seed: int) -> tuple[str, str]:
+    """A model folder every worker loads: the embedded model, --model, or one built from config."""
+    from lumorik_sft.models import build_model, embedded_model_path, has_embedded_model, train_bpe_tokenizer
+
+    if model:
+        return model, model
+    if has_embedded_model() and not quick:
+        return str(embedded_model_path()), "embedded base model"
+    size = {"n_layer": 2, "width": 64, "n_head": 2} if quick else {"n_layer": 4, "width": 256, "n_head": 4}
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=512 if quick else 4096)
+    m = build_model("gpt2", tokenizer, seed=seed, context=256, **size)
+    out = work / "model"
+    m.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    what = (f"GPT-2 built from config ({size['n_layer']} layers, width {size['width']}, "
+            f"vocab {len(tokenizer)})")
+    return str(out), what + (", random init" if quick else ", random init (no embedded model)")
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+class Probe:
+    """Training clock with evaluation paused out, and the validation curve."""
+
+    def __init__(self, model, val_batches, every: int):
+        self.model, self.val_batches, self.every = model, val_batches, every
+        self.t0 = 0.0
+        self.paused = 0.0
+        self.curve: list[tuple[int, float, float]] = []
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+        self.paused = 0.0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0 - self.paused
+
+    def step(self, step: int, force: bool = False) -> None:
+        if not force and (self.every <= 0 or step % self.every):
+            return
+        if self.curve and self.curve[-1][0] == step:
+            return
+        t = time.perf_counter()
+        elapsed = t - self.t0 - self.paused
+        from lumorik_sft.metrics import evaluate_loss
+
+        loss = evaluate_loss(self.model, self.val_batches).loss
+        self.curve.append((step, elapsed, loss))
+        self.paused += time.perf_counter() - t
+
+
+def _autocast(precision: str):
+    import contextlib
+
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _hf_args(spec: dict, out: str, **extra):
+    common = dict(
+        output_dir=out, per_device_train_batch_size=spec["batch_size"], learning_rate=spec["lr"],
+        num_train_epochs=1, seed=spec["seed"], lr_scheduler_type="linear", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=1.0, logging_strategy="no", save_strategy="no",
+        eval_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
+        bf16=spec["precision"] == "bf16", use_cpu=not torch.cuda.is_available(),
+    )
+    return {**common, **extra}
+
+
+def _trainer_callback(probe: Probe, marks: dict):
+    from transformers import TrainerCallback
+
+    class Cb(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            probe.start()
+
+        def on_step_end(self, args, state, control, **kw):
+            probe.step(state.global_step)
+            marks["steps"] = state.global_step
+
+        def on_train_end(self, args, state, control, **kw):
+            marks["seconds"] = probe.seconds()
+
+    return Cb()
+
+
+def run_contestant(name: str, spec: dict) -> dict[str, Any]:
+    torch.set_num_threads(spec["threads"])
+    from torch.utils.data import DataLoader
+
+    from lumorik_sft import encoding, training
+    from lumorik_sft.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(spec["model_dir"], device="cpu")
+    train_ex, _ = encoding.encode_records(spec["train"], tok, max_length=spec["max_length"])
+    val_ex, _ = encoding.encode_records(spec["val"], tok, max_length=spec["max_length"])
+    collate = encoding.SFTCollator(tok.pad_token_id)
+    val_batches = [collate(val_ex[i:i + 16]) for i in range(0, len(val_ex), 16)]
+    steps = math.ceil(len(train_ex) / spec["batch_size"])
+    probe = Probe(model, val_batches, max(1, steps // 10))
+    marks: dict[str, Any] = {}
+    torch.manual_seed(spec["seed"])
+
+    if name == "naive":
+        rows = [encoding.naive_encode(tok, r["prompt"], r["completion"], max_length=spec["max_length"])
+                for r in spec["train"]]
+        data = [{k: torch.tensor(v) for k, v in r.items()} for r in rows]
+        loader = DataLoader(data, batch_size=spec["batch_size"], shuffle=True,
+                            generator=torch.Generator().manual_seed(spec["seed"]))
+
+        class Probed:
+            def __iter__(self):
+                for i, batch in enumerate(loader):
+                    if i:
+                        probe.step(i)  # i batches done
+                    yield batch
+
+        probe.start()
+        with _autocast(spec["precision"]):
+            losses = training.chapter_loop(model, Probed(), epochs=1, lr=spec["lr"], device="cpu")
+        marks["seconds"], marks["steps"] = probe.seconds(), len(losses)
+    elif name.startswith("ours"):
+        packing = {"ours_padded": "none", "ours_packed": "bfd", "ours_length": "length"}[name]
+        config = training.TrainConfig(
+            learning_rate=spec["lr"], batch_size=spec["batch_size"], epochs=1, seed=spec["seed"],
+            device="cpu", precision=spec["precision"], packing=packing, log_every=0, progress=False,
+            pad_to_multiple_of=spec["pad_multiple"] or None)
+
+        def cb(event):
+            if event["event"] == "step":
+                probe.step(event["step"])
+                marks["steps"] = event["step"]
+
+        probe.start()
+        training.train(model, tok, train_ex, None, config, callback=cb)
+        marks["seconds"] = probe.seconds()
+    elif name.startswith("trl"):
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        ignore = encoding.IGNORE_INDEX
+        ds = Dataset.from_list([{"input_ids": ex["input_ids"],
+                                 "completion_mask": [int(lab != ignore) for lab in ex["labels"]]}
+                                for ex in train_ex])
+        # Our token ids and completion masks; completion_only_loss=True is what TRL's default
+        # (None) means for prompt-completion data, which is what these pairs are.
+        extra = {"max_length": spec["max_length"], "completion_only_loss": True}
+        if name == "trl_packing":
+            extra["packing"] = True
+        args = SFTConfig(**_hf_args(spec, spec["work"] + "/" + name, **extra))
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                             callbacks=[_trainer_callback(probe, marks)])
+        marks["trl_gradient_checkpointing"] = args.gradient_checkpointing
+        trainer.train()
+    elif name == "hf_trainer":
+        from transformers import Trainer, TrainingArguments
+
+        args = TrainingArguments(**_hf_args(spec, spec["work"] + "/" + name, remove_unused_columns=False))
+        trainer = Trainer(model=model, args=args, train_dataset=train_ex, data_collator=collate,
+                          callbacks=[_trainer_callback(probe, marks)])
+        trainer.train()
+    else:
+        raise ValueError(f"unknown contestant {name!r}; choose from {', '.join(CONTESTANTS)}")
+
+    model.eval()
+    probe.step(marks.get("steps", steps), force=True)
+    final = probe.curve[-1][2]
+    return {"name": name, "seconds": marks["seconds"], "steps": marks.get("steps"),
+            "final_val_loss": final, "curve": probe.curve,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "precision": spec["precision"], "threads": torch.get_num_threads(),
+            **{k: v for k, v in marks.items() if k not in ("seconds", "steps")}}
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+def useful_work(spec: dict) -> dict[str, Any]:
+    """Token counts and the useful-FLOP count of one epoch over the training set."""
+    from lumorik_sft import encoding
+    from lumorik_sft.models import count_parameters, load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(spec["model_dir"], device="cpu")
+    train_ex, report = encoding.encode_records(spec["train"], tok, max_length=spec["max_length"])
+    linear = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if w is not None and w.ndim == 2 and not isinstance(m, torch.nn.Embedding):
+            linear += w.numel()  # nn.Linear and GPT-2's Conv1D; the LM head counts (tied or not)
+    cfg = model.config
+    n_layer = getattr(cfg, "n_layer", None) or cfg.num_hidden_layers
+    d = getattr(cfg, "n_embd", None) or cfg.hidden_size
+    lengths = [len(ex["input_ids"]) for ex in train_ex]
+    flops = sum(6 * linear * n + 6 * n_layer * d * n * n for n in lengths)
+    return {"examples": len(train_ex), "completion_tokens": report.completion_tokens,
+            "real_tokens": sum(lengths), "useful_flops": flops, "matmul_params": linear,
+            "parameters": count_parameters(model), "n_layer": n_layer, "d_model": d,
+            "vocab": cfg.vocab_size, "mean_length": sum(lengths) / len(lengths), "max_len": max(lengths)}
+
+
+def run_all(names: list[str], spec: dict) -> list[dict]:
+    results = []
+    spec_path = Path(spec["work"]) / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    for name in names:
+        out = Path(spec["work"]) / f"{name}.json"
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--spec", str(spec_path),
+                               "--result", str(out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{name}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+            results.append({"name": name, "error": proc.stderr.strip().splitlines()[-1:]})
+            continue
+        r = json.loads(out.read_text())
+        r["wall_seconds"] = time.perf_counter() - t0
+        results.append(r)
+        print(f"{name:12s} {r['seconds']:8.1f} s train  val {r['final_val_loss']:.4f}  "
+              f"rss {r['peak_rss_mb']:.0f} MB", flush=True)
+    return results
+
+
+def summarise(results: list[dict], work: dict, peaks: dict, precision: str) -> dict[str, Any]:
+    ok = {r["name"]: r for r in results if "error" not in r}
+    ref = ok.get("trl_default")
+    target_from = [ok[c]["final_val_loss"] for c in CORRECT if c in ok]
+    target = 1.02 * ref["final_val_loss"] if ref else (max(target_from) if target_from else math.nan)
+    peak = peaks[precision]
+    for r in ok.values():
+        s = r["seconds"]
+        r["completion_tok_s"] = work["completion_tokens"] / s
+        r["all_tok_s"] = work["real_tokens"] / s
+        r["useful_flop_s"] = work["useful_flops"] / s
+        r["peak_fraction"] = r["useful_flop_s"] / peak
+        reached = [t for _, t, loss in r["curve"] if loss <= target]
+        r["time_to_target"] = reached[0] if reached else None
+    def ratio(a: str, b: str) -> float | None:
+        return ok[a]["completion_tok_s"] / ok[b]["completion_tok_s"] if a in ok and b in ok else None
+
+    return {"target_val_loss": target, "ratios": {
+        "packed_vs_trl_default": ratio("ours_packed", "trl_default"),
+        "packed_vs_padded": ratio("ours_packed", "ours_padded"),
+        "length_vs_trl_default": ratio("ours_length", "trl_default"),
+        "length_vs_padded": ratio("ours_length", "ours_padded"),
+        "rss_packed_vs_trl_default": (ok["ours_packed"]["peak_rss_mb"] / ok["trl_default"]["peak_rss_mb"]
+                                      if "ours_packed" in ok and ref else None),
+        "val_packed_vs_trl_default": (ok["ours_packed"]["final_val_loss"] / ref["final_val_loss"] - 1
+                                      if "ours_packed" in ok and ref else None),
+    }}
+
+
+def _f(x, fmt: str) -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def write_report(out: Path, payload: dict) -> str:
+    m, w, s = payload["machine"], payload["work"], payload["summary"]
+    lines = [
+        "# SFT benchmark: our loop vs the chapter's, TRL and the HF Trainer",
+        "",
+        f"Generated by `python benchmarks/bench_sft.py{' --quick' if payload['quick'] else ''}` "
+        f"on {payload['date']}.",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {payload['threads']} torch threads; CUDA: {m['cuda']}.",
+        f"- Versions: Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
+        f"trl {m['trl']}, accelerate {m['accelerate']}.",
+        f"- Measured matmul peak ({payload['threads']} threads): fp32 {payload['peaks']['fp32'] / 1e9:.0f} "
+        f"GFLOP/s, bf16 {payload['peaks']['bf16'] / 1e9:.0f} GFLOP/s. Precision used by every contestant: "
+        f"**{payload['precision']}**.",
+        f"- Model: {payload['model']}; {w['parameters']:,} parameters ({w['matmul_params']:,} in matmuls), "
+        f"{w['n_layer']} layers, width {w['d_model']}, vocab {w['vocab']:,}.",
+        f"- Data: {w['examples']} training pairs (product descriptions + case summaries, mean "
+        f"{w['mean_length']:.0f} tokens, max {w['max_len']}), {payload['n_val']} validation pairs; "
+        f"{w['completion_tokens']:,} completion tokens, {w['real_tokens']:,} real tokens per epoch.",
+        f"- One epoch, batch {payload['batch_size']}, lr {payload['lr']:g} (linear decay, no warmup), "
+        f"clip 1.0, seed {payload['seed']}, max length {payload['max_length']}; our loops round "
+        f"batch widths to a multiple of {payload['pad_multiple'] or 1} (`TrainConfig.pad_to_multiple_of`).",
+        "- Throughput numerators are the same for everyone (the training set's completion / real tokens);"
+        " the clock excludes model loading, tokenization and the periodic evaluation.",
+        "- Useful FLOPs per example of n tokens: 6·N_matmul·n + 6·n_layer·d·n² (causal attention, "
+        "forward + backward); padding and recomputation are not counted as useful.",
+        f"- Time to target: training seconds until the validation loss is <= {s['target_val_loss']:.4f} "
+        "(1.02 x TRL default's final loss), evaluated every tenth of the run.",
+        "- Validation loss: `lumorik_sft.metrics.evaluate_loss`, fp32, same padded batches for all.",
+        "",
+        "| contestant | steps | train s | completion tok/s | all tok/s | useful GFLOP/s | % of peak "
+        "| peak RSS MB | time to target s | final val loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in payload["results"]:
+        label = CONTESTANTS[r["name"]]
+        if "error" in r:
+            lines.append(f"| {label} | failed: {' '.join(r['error'])} |||||||||")
+            continue
+        lines.append(
+            f"| {label} | {r['steps']} | {r['seconds']:.1f} | {r['completion_tok_s']:,.0f} | "
+            f"{r['all_tok_s']:,.0f} | {r['useful_flop_s'] / 1e9:.1f} | {100 * r['peak_fraction']:.0f}% | "
+            f"{r['peak_rss_mb']:.0f} | {_f(r['time_to_target'], '.1f')} | {r['final_val_loss']:.4f} |")
+    rt = s["ratios"]
+    lines += ["", "## Against the issue's targets", "",
+              f"- Packed vs TRL default, completion tokens/s: {_f(rt['packed_vs_trl_default'], '.2f')}x "
+              "(target >= 3x).",
+              f"- Packed vs our padded loop: {_f(rt['packed_vs_padded'], '.2f')}x (target >= 1.3x).",
+              f"- Length-grouped vs TRL default: {_f(rt['length_vs_trl_default'], '.2f')}x; vs padded: "
+              f"{_f(rt['length_vs_padded'], '.2f')}x.",
+              f"- Final val loss, packed vs TRL default: {_f(rt['val_packed_vs_trl_default'], '+.2%')} "
+              "(target within 2%).",
+              f"- Peak RSS, packed / TRL default: {_f(rt['rss_packed_vs_trl_default'], '.2f')} "
+              "(target <= 0.6).",
+              ]
+    best = max((r for r in payload["results"] if "error" not in r), key=lambda r: r["peak_fraction"],
+               default=None)
+    if best is not None:
+        lines.append(f"- Best useful-FLOP share of the {payload['precision']} matmul peak: "
+                     f"{100 * best['peak_fraction']:.0f}% ({CONTESTANTS[best['name']]}; target >= 40%).")
+    lines += [
+        "", "## Notes", "",
+        "- TRL runs with its own defaults (gradient checkpointing on, bf16 autocast on, its collator, "
+        "its sampler) except for what every contestant shares: learning rate, batch size, one epoch, "
+        "seed, max length 256, no warmup, no logging or saving. It receives our token ids and "
+        "completion masks with `completion_only_loss=True`, which is what its default does for "
+        "prompt-completion data, so all contestants learn the same tokens.",
+        "- `trl_packing` is TRL's `packing=True`: best-fit decreasing into rows of max length, then "
+        "padding-free (all rows of a batch in one sequence with restarted position ids).",
+        "- The HF Trainer gets our encoded examples and `SFTCollator` (completion-only labels).",
+        "- `ours_packed` keeps the padded loop's micro-batches and lays each out best-fit decreasing "
+        "with a block-diagonal mask (same loss as `ours_padded`); `ours_length` groups examples of "
+        "similar length (`TrainConfig(packing='length')`).",
+        "- Peak RSS is each subprocess's own `ru_maxrss`; most of it is the imported libraries.",
+        "- No GPU was available: every figure is CPU-only." if not m["cuda"] else
+        "- A GPU was present but every contestant ran on the CPU (device='cpu').",
+        "", "![throughput and validation curves](bench_sft.png)", ""]
+    text = "\n".join(lines)
+    (out / "RESULTS.md").write_text(text)
+    return text
+
+
+def plot(out: Path, payload: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in payload["results"] if "error" not in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [r["name"] for r in ok]
+    ax1.barh(names, [r["completion_tok_s"] for r in ok], color="tab:green")
+    ax1.invert_yaxis()
+    ax1.set_xlabel("completion tokens / s (one epoch)")
+    ax1.set_title(f"Throughput, {payload['threads']} CPU threads, {payload['precision']}")
+    for r in ok:
+        curve = r["curve"]
+        ax2.plot([c[1] for c in curve], [c[2] for c in curve], marker=".", label=r["name"])
+    ax2.axhline(payload["summary"]["target_val_loss"], color="grey", ls="--", lw=1, label="target")
+    ax2.set_xlabel("training seconds")
+    ax2.set_ylabel("validation completion loss")
+    ax2.set_title("Validation loss against training time")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "bench_sft.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny model and data: a smoke run in seconds")
+    p.add_argument("--out", default=str(HERE), help="where RESULTS.md, bench_sft.json/png go")
+    p.add_argument("--model", default=None, help="model folder or name (default: the embedded model)")
+    p.add_argument("--contestants", default=",".join(CONTESTANTS),
+                   help=f"comma-separated subset of {', '.join(CONTESTANTS)}")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast when the measured bf16 matmul peak is 1.3x fp32's")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None, help="default: the model card's, else 1e-3")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pad-multiple", type=int, default=None,
+                   help="our loops round batch widths to this (default: 64 in bf16, where oneDNN "
+                        "caches kernels per shape; none in fp32)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        spec = json.loads(Path(args.spec).read_text())
+        result = run_contestant(args.worker, spec)
+        Path(args.result).write_text(json.dumps(result))
+        return 0
+
+    names = [n.strip() for n in args.contestants.split(",") if n.strip()]
+    unknown = set(names) - set(CONTESTANTS)
+    if unknown:
+        p.error(f"unknown contestants {sorted(unknown)}; choose from {', '.join(CONTESTANTS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    peaks = {"fp32": matmul_peak(torch.float32, args.threads, 0.3 if args.quick else 1.5),
+             "bf16": matmul_peak(torch.bfloat16, args.threads, 0.3 if args.quick else 1.5)}
+    print(f"matmul peak, {args.threads} threads: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
+          f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if peaks["bf16"] >= 1.3 * peaks["fp32"] else "fp32"
+
+    from lumorik_sft.pipeline import recommended_learning_rate
+
+    train, val = make_records(args.quick, args.seed)
+    with tempfile.TemporaryDirectory(prefix="bench_sft_") as tmp:
+        model_dir, model_label = prepare_model(Path(tmp), args.quick, args.model,
+                                               [r["prompt"] + "\n" + r["completion"] for r in train],
+                                               args.seed)
+        lr = args.lr if args.lr is not None else recommended_learning_rate(model_dir)
+        pad_multiple = args.pad_multiple if args.pad_multiple is not None else (
+            64 if precision == "bf16" else 0)
+        spec = {"pad_multiple": pad_multiple, "model_dir": model_dir, "train": train, "val": val,
+                "max_length": args.max_length,
+                "batch_size": args.batch_size, "lr": lr, "seed": args.seed, "precision": precision,
+                "threads": args.threads, "work": tmp}
+        work = useful_work(spec)
+        results = run_all(names, spec)
+    payload = {"quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "machine": machine(), "threads": args.threads, "peaks": peaks, "precision": precision,
+               "model": model_label, "work": work, "n_val": len(val), "batch_size": args.batch_size,
+               "lr": lr, "seed": args.seed, "max_length": args.max_length, "results": results,
+               "pad_multiple": spec["pad_multiple"]}
+    payload["summary"] = summarise(results, work, peaks, precision)
+    (out / "bench_sft.json").write_text(json.dumps(payload, indent=2))
+    print(write_report(out, payload))
+    if any("error" not in r for r in results):
+        plot(out, payload)
+    rt = payload["summary"]["ratios"]
+    print(f"packed vs TRL default: {_f(rt['packed_vs_trl_default'], '.2f')}x completion tokens/s; "
+          f"packed vs our padded loop: {_f(rt['packed_vs_padded'], '.2f')}x "
+          f"(length-grouped: {_f(rt['length_vs_trl_default'], '.2f')}x and "
+          f"{_f(rt['length_vs_padded'], '.2f')}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

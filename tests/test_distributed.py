@@ -1,0 +1,155 @@
+"""Data parallel: `accelerate launch` of the train command, 2 gloo processes == 1 process.
+
+Two CPU processes with batch_size 4 each must follow the loss curve of one process with
+batch_size 8 (within 1e-4), through gradient accumulation and a last micro-batch too short
+to give both processes an example. About 20-40 s: two launches of a tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lumorik_sft import cli
+from lumorik_sft.distributed import DataParallel, launched_world_size, setup_data_parallel
+from lumorik_sft.models import build_model
+from lumorik_sft.packing import shard_micro_batch
+from lumorik_sft.training import TrainConfig, plan_steps
+
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+TEXT = "the tenant sued the landlord over an unreturned deposit with interest"
+N_TRAIN = 25  # 8 + 8 + 8 + 1: the last global micro-batch has one example for two processes
+
+
+def _write_jsonl(path: Path, n: int, offset: int = 0) -> None:
+    words = TEXT.split()
+    with path.open("w") as f:
+        for i in range(offset, offset + n):
+            f.write(json.dumps({"prompt": " ".join(words[: 2 + i % 4]),
+                                "completion": " ".join((words * 3)[i % 5: i % 5 + 1 + 3 * (i % 4)])}))
+            f.write("\n")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, toy_tokenizer):
+    root = tmp_path_factory.mktemp("dp")
+    model = build_model("gpt2", toy_tokenizer, n_layer=2, width=32, n_head=2, context=128)
+    # No dropout: processes draw dropout masks from their own RNG streams, so only a
+    # deterministic forward can match one process bit for bit.
+    model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = 0.0
+    model.save_pretrained(root / "model")
+    toy_tokenizer.save_pretrained(root / "model")
+    _write_jsonl(root / "train.jsonl", N_TRAIN)
+    _write_jsonl(root / "val.jsonl", 6, offset=100)
+    return root
+
+
+def _args(root: Path, out: str, batch_size: int) -> list[str]:
+    return ["train", "--model", str(root / "model"), "--train", str(root / "train.jsonl"),
+            "--val", str(root / "val.jsonl"), "--out", str(root / out), "--lr", "3e-3",
+            "--batch-size", str(batch_size), "--grad-accum", "2", "--epochs", "2",
+            "--device", "cpu", "--precision", "fp32", "--seed", "0"]
+
+
+def _history(root: Path, out: str) -> dict:
+    return json.loads((root / out / "history.json").read_text())
+
+
+def test_plan_and_shards_match_one_process():
+    assert plan_steps(N_TRAIN, TrainConfig(batch_size=4, grad_accum_steps=2), world_size=2) == \
+        plan_steps(N_TRAIN, TrainConfig(batch_size=8, grad_accum_steps=2))
+    batch = [7, 3, 9, 1, 4]
+    shards = [shard_micro_batch(batch, r, 2) for r in range(2)]
+    assert shards == [[7, 9, 4], [3, 1]]
+    assert shard_micro_batch([5], 1, 2) == []  # the trainer gives this rank a blank example
+
+
+def test_single_process_needs_no_accelerate(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert launched_world_size() == 1
+    par = setup_data_parallel("cpu")
+    assert par == DataParallel() and not par.active and par.is_main
+    assert par.sum([2.0, 3.5]) == [2.0, 3.5]
+    model = torch.nn.Linear(2, 2)
+    assert par.wrap(model) is model and par.no_sync(model) is None
+
+
+@pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate is not installed")
+def test_two_gloo_processes_match_one_process(workdir, capsys):
+    # One process, in this interpreter: batch 8 per micro-batch.
+    assert cli.main(_args(workdir, "one", 8)) == 0
+    # Two processes under accelerate: batch 4 each, the same global batch.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
+           "PYTHONWARNINGS": "ignore"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
+           "-m", "lumorik_sft.cli", *_args(workdir, "two", 4)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    one, two = _history(workdir, "one"), _history(workdir, "two")
+    assert len(one["steps"]) == len(two["steps"]) == 4
+    for a, b in zip(one["steps"], two["steps"], strict=True):
+        assert b["tokens"] == a["tokens"]  # the global supervised-token count, all-reduced
+        assert b["input_tokens"] == a["input_tokens"]
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3, abs=1e-4)
+    for a, b in zip(one["epochs"], two["epochs"], strict=True):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-4)
+    # Only rank 0 wrote the model, and it holds the same weights.
+    from transformers import AutoModelForCausalLM
+
+    m1 = AutoModelForCausalLM.from_pretrained(workdir / "one" / "final")
+    m2 = AutoModelForCausalLM.from_pretrained(workdir / "two" / "final")
+    for (k, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
+        torch.testing.assert_close(p1, p2, atol=1e-4, rtol=0, msg=k)
+    shutil.rmtree(workdir / "two")
+
+
+WORKER = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from lumorik_sft import data, encoding, training
+root, out = sys.argv[1], sys.argv[2]
+tok = AutoTokenizer.from_pretrained(root + "/model")
+ex, _ = encoding.encode_records(data.read_jsonl(root + "/train.jsonl"), tok)
+losses = {}
+for packing, bs in (("bfd", int(sys.argv[3])), ("length", int(sys.argv[3]))):
+    model = AutoModelForCausalLM.from_pretrained(root + "/model")
+    cfg = training.TrainConfig(learning_rate=3e-3, batch_size=bs, grad_accum_steps=2, epochs=2,
+                               device="cpu", precision="fp32", packing=packing, progress=False,
+                               log_every=0)
+    losses[packing] = training.train(model, tok, ex, None, cfg).losses
+if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    json.dump(losses, open(out, "w"))
+"""
+
+
+def test_packed_modes_on_two_processes_match_one(workdir, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
+           "PYTHONWARNINGS": "ignore"}
+    env.pop("WORLD_SIZE", None)
+    one = subprocess.run([sys.executable, "-c", WORKER, str(workdir), str(tmp_path / "one.json"), "8"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533",
+                          "--no-python", sys.executable, "-c", WORKER, str(workdir),
+                          str(tmp_path / "two.json"), "4"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one.json").read_text())
+    b = json.loads((tmp_path / "two.json").read_text())
+    for packing in ("bfd", "length"):
+        assert len(a[packing]) == 4
+        assert b[packing] == pytest.approx(a[packing], abs=1e-4), packing
