@@ -77,6 +77,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         learning_rate=lr, batch_size=args.batch_size, grad_accum_steps=args.grad_accum,
         epochs=args.epochs, warmup_ratio=args.warmup_ratio, seed=args.seed, device=args.device,
         precision=args.precision, output_dir=args.out, max_steps=args.max_steps,
+        packing=args.packing, pack_length=args.pack_length, pad_to_multiple_of=args.pad_to_multiple_of,
     )
     result = training.train(model, tokenizer, train_ex, val_ex, config, resume=args.resume)
     for ep in result.epochs:
@@ -180,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="bf16 autocast or fp32 (default: auto)")
+    p.add_argument("--packing", default="none", choices=["none", "bfd", "length"],
+                   help="none: dynamic padding; bfd: pack each micro-batch into block-diagonal rows "
+                        "(same loss); length: batch examples of similar length")
+    p.add_argument("--pack-length", type=int, default=None, help="row length for --packing bfd")
+    p.add_argument("--pad-to-multiple-of", type=int, default=None,
+                   help="round batch widths up to this (64 helps bf16 on CPU)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.set_defaults(func=_cmd_train)
 

@@ -189,6 +189,9 @@ def run_demo(settings: DemoSettings, echo=print) -> dict[str, Any]:
         learning_rate=lr, batch_size=settings.batch_size, epochs=settings.epochs,
         warmup_ratio=0.05, seed=settings.seed, output_dir=str(out / "model"),
         progress=settings.progress, precision=precision,
+        # oneDNN builds bf16 kernels per batch shape: a few widths instead of dozens (measured
+        # here: 20 steps in 30 s, against 96 s unrounded and 48 s in fp32, on a loaded CPU).
+        pad_to_multiple_of=64 if precision == "bf16" else None,
     )
     result = training.train(model, tokenizer, train_ex, val_ex, config)
     for ep in result.epochs[1:]:
