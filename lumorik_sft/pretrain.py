@@ -50,6 +50,7 @@ __all__ = [
     "pack_blocks",
     "run_from_args",
     "run_pretrain",
+    "update_model_card",
     "weights_checksum",
     "write_model_card",
 ]
@@ -328,6 +329,105 @@ same weights. SHA-256 of `model.safetensors`: `{card['weights_sha256']}`.
 Machine-readable numbers: `card.json`; corpus details: `corpus_manifest.json`.
 """
     Path(path).write_text(text, encoding="utf-8")
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: values in `extra` win, nested dicts are merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _fmt_cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return "n/a" if not math.isfinite(value) else f"{value:.4g}"
+    return "n/a" if value is None else str(value)
+
+
+def _figures_markdown(card: dict[str, Any]) -> str:
+    """The README section for figures measured after pretraining (by benchmarks/)."""
+    bench = card.get("benchmark", {})
+    sweep = card.get("sft_lr_sweep", {})
+    if not bench and not sweep and "recommended_sft_learning_rate" not in card:
+        return ""
+    parts = ["\n## Measured figures\n"]
+    if bench.get("command"):
+        parts.append(f"Measured by `{bench['command']}` on {bench.get('date', 'n/a')}"
+                     f" ({bench.get('machine', {}).get('cpu', 'n/a')}, "
+                     f"{bench.get('machine', {}).get('threads', 'n/a')} threads).")
+        if bench.get("contention"):
+            parts.append(f"Timings were taken under contention: {bench['contention']}.")
+        parts.append("")
+    if "recommended_sft_learning_rate" in card:
+        parts.append(f"Recommended SFT learning rate: **{card['recommended_sft_learning_rate']:g}**"
+                     " (`pipeline.recommended_learning_rate` reads it from `card.json`); the "
+                     "chapter's 5e-5 remains an option, see the sweep.\n")
+    rows = sweep.get("rows", [])
+    if rows:
+        parts.append(f"Learning-rate sweep: {sweep.get('task', '')}\n")
+        keys = list(rows[0])
+        parts.append("| " + " | ".join(keys) + " |")
+        parts.append("|" + "---|" * len(keys))
+        parts += ["| " + " | ".join(_fmt_cell(r.get(k)) for k in keys) + " |" for r in rows]
+        parts.append("")
+    targets = bench.get("targets", [])
+    if targets:
+        parts.append("| figure | value | target | result |")
+        parts.append("|---|---|---|---|")
+        parts += [f"| {t['figure']} | {_fmt_cell(t['value'])} | {t['target']} | "
+                  f"{'PASS' if t['pass'] else 'FAIL'} |" for t in targets]
+        parts.append("")
+    parts.append("All figures: `card.json` (keys `recommended_sft_learning_rate`, `sft_lr_sweep`, "
+                 "`benchmark`).")
+    return "\n".join(parts) + "\n"
+
+
+def update_model_card(path: str | Path, figures: dict[str, Any]) -> dict[str, Any]:
+    """Merge measured figures into a saved model's `card.json` and rewrite its README.md.
+
+    `path` is the model folder (or its `card.json`). `figures` is merged recursively into the
+    card data (nested dicts key by key, anything else replaced), e.g. ``{"benchmark": {...},
+    "recommended_sft_learning_rate": 1e-3}``; the README is rewritten by `write_model_card`
+    plus a "Measured figures" section. Refuses to change `weights_sha256`, and refuses a folder
+    whose `model.safetensors` no longer matches its card: figures measured on other weights
+    must not be recorded here. Only `card.json` and `README.md` are written (each atomically).
+    Returns the merged card.
+    """
+    folder = Path(path)
+    if folder.name == "card.json":
+        folder = folder.parent
+    card_path = folder / "card.json"
+    if not card_path.exists():
+        raise FileNotFoundError(f"no card.json in {folder}; run `lumorik-sft pretrain` first")
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    if "weights_sha256" in figures and figures["weights_sha256"] != card.get("weights_sha256"):
+        raise ValueError("figures may not change weights_sha256; rebuild the model instead")
+    actual = weights_checksum(folder)
+    if actual != card.get("weights_sha256"):
+        raise ValueError(f"{folder}/model.safetensors (sha256 {actual[:16]}...) does not match "
+                         f"its card ({str(card.get('weights_sha256'))[:16]}...); refusing to "
+                         "record figures measured on other weights")
+    card = _merge(card, figures)
+    readme = folder / "README.md"
+    tmp_readme = folder / f".README.md.tmp-{os.getpid()}"
+    write_model_card(card, tmp_readme)
+    with open(tmp_readme, "a", encoding="utf-8") as f:
+        f.write(_figures_markdown(card))
+    tmp_readme.chmod(0o644)
+    if isinstance(card.get("files"), dict) and "README.md" in card["files"]:
+        card["files"]["README.md"] = tmp_readme.stat().st_size
+    tmp_card = folder / f".card.json.tmp-{os.getpid()}"
+    tmp_card.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    tmp_card.chmod(0o644)
+    tmp_readme.replace(readme)
+    tmp_card.replace(card_path)
+    return card
 
 
 def _save_folder(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path,

@@ -151,3 +151,86 @@ def test_cli_arguments_round_trip():
     assert (args.output_dir, args.max_steps, args.sources, args.progress,
             args.learning_rate) == ("x", 7, ["tqdm", "numpy"], False, 3e-4)
     assert os.path.basename(parser.parse_args([]).output_dir) == "base-model"
+
+
+def _fake_model_folder(folder):
+    """A model folder with dummy weights and the card data `write_model_card` reads."""
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"not really weights")
+    (folder / "tokenizer.json").write_text("{}")
+    card = {
+        "model": {"architecture": "GPT2LMHeadModel", "n_layer": 1, "width": 32, "n_head": 2,
+                  "context": 64, "vocab_size": 300, "parameters": 30_000, "eos_token_id": 0,
+                  "pad_token_id": 1, "weights_bytes": 18},
+        "corpus": {"chars": 40_000, "val_documents": 2, "val_chars": 4_000, "sha256": "c0ffee",
+                   "python": "3.11", "sources": [{"name": "python-stdlib", "version": "3.11",
+                                                  "license": "PSF-2.0", "documents": 9,
+                                                  "chars": 40_000}],
+                   "train_tokens": 6_400, "val_tokens": 640, "train_blocks": 100,
+                   "val_blocks": 10},
+        "training": {"precision": "fp32", "device": "cpu", "threads": 1, "steps": 10,
+                     "tokens_per_step": 256, "tokens_seen": 2_560, "epochs_over_corpus": 0.4,
+                     "train_seconds": 6.0, "tokens_per_second": 500.0, "cpu": "test CPU",
+                     "total_seconds": 9.0, "torch": "x", "transformers": "y", "tokenizers": "z"},
+        "results": {"val_perplexity": 250.0, "val_loss": 5.5, "initial_val_perplexity": 300.0,
+                    "final_train_loss": 5.4},
+        "config": {"learning_rate": 1e-3, "seed": 0},
+        "weights_sha256": weights_checksum(folder),
+        "files": {"README.md": 1, "model.safetensors": 18},
+    }
+    (folder / "card.json").write_text(json.dumps(card))
+    return card
+
+
+def test_update_model_card_merges_figures_and_rewrites_the_readme(tmp_path):
+    from lumorik_sft.pipeline import recommended_learning_rate
+    from lumorik_sft.pretrain import update_model_card
+
+    folder = tmp_path / "m"
+    card = _fake_model_folder(folder)
+    weights = (folder / "model.safetensors").read_bytes()
+    figures = {
+        "recommended_sft_learning_rate": 3e-3,
+        "sft_lr_sweep": {"task": "toy", "rows": [
+            {"learning_rate": 5e-5, "completion_perplexity": 11.7},
+            {"learning_rate": 3e-3, "completion_perplexity": 1.4}]},
+        "benchmark": {"command": "python bench.py", "date": "today",
+                      "targets": [{"figure": "BLEU gain", "value": 31.5,
+                                   "target": ">= +20", "pass": True}]},
+        "training": {"total_seconds": 10.0},  # nested dicts merge key by key
+    }
+    merged = update_model_card(folder / "card.json", figures)
+    saved = json.loads((folder / "card.json").read_text())
+    assert saved == merged
+    assert saved["training"]["total_seconds"] == 10.0 and saved["training"]["steps"] == 10
+    assert saved["model"] == card["model"] and saved["weights_sha256"] == card["weights_sha256"]
+    assert recommended_learning_rate(str(folder)) == 3e-3
+    readme = (folder / "README.md").read_text()
+    for needle in ("## Measured figures", "**0.003**", "| 5e-05 | 11.7 |", "| BLEU gain | 31.5 |",
+                   "PASS", "Validation perplexity", card["weights_sha256"]):
+        assert needle in readme, needle
+    assert saved["files"]["README.md"] == len(readme.encode())
+    assert (folder / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "card.json",
+                                                        "model.safetensors", "tokenizer.json"]
+    # a second update keeps what the first one recorded
+    update_model_card(folder, {"benchmark": {"total_seconds": 5}})
+    again = json.loads((folder / "card.json").read_text())
+    assert again["benchmark"]["targets"] == figures["benchmark"]["targets"]
+    assert again["benchmark"]["total_seconds"] == 5
+
+
+def test_update_model_card_refuses_other_weights(tmp_path):
+    from lumorik_sft.pretrain import update_model_card
+
+    folder = tmp_path / "m"
+    _fake_model_folder(folder)
+    with pytest.raises(ValueError, match="may not change weights_sha256"):
+        update_model_card(folder, {"weights_sha256": "0" * 64})
+    (folder / "model.safetensors").write_bytes(b"other weights")
+    before = (folder / "card.json").read_text()
+    with pytest.raises(ValueError, match="does not match its card"):
+        update_model_card(folder, {"recommended_sft_learning_rate": 1e-3})
+    assert (folder / "card.json").read_text() == before
+    with pytest.raises(FileNotFoundError, match="lumorik-sft pretrain"):
+        update_model_card(tmp_path / "nowhere", {})
