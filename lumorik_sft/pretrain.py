@@ -378,10 +378,11 @@ def _figures_markdown(card: dict[str, Any]) -> str:
         parts.append("")
     targets = bench.get("targets", [])
     if targets:
-        parts.append("| figure | value | target | result |")
-        parts.append("|---|---|---|---|")
+        parts.append("| figure | value | target | result | note |")
+        parts.append("|---|---|---|---|---|")
         parts += [f"| {t['figure']} | {_fmt_cell(t['value'])} | {t['target']} | "
-                  f"{'PASS' if t['pass'] else 'FAIL'} |" for t in targets]
+                  f"{'n/a' if t.get('pass') is None else 'PASS' if t['pass'] else 'FAIL'} | "
+                  f"{t.get('note', '')} |" for t in targets]
         parts.append("")
     parts.append("All figures: `card.json` (keys `recommended_sft_learning_rate`, `sft_lr_sweep`, "
                  "`benchmark`).")

@@ -196,7 +196,9 @@ def test_update_model_card_merges_figures_and_rewrites_the_readme(tmp_path):
             {"learning_rate": 3e-3, "completion_perplexity": 1.4}]},
         "benchmark": {"command": "python bench.py", "date": "today",
                       "targets": [{"figure": "BLEU gain", "value": 31.5,
-                                   "target": ">= +20", "pass": True}]},
+                                   "target": ">= +20", "pass": True},
+                                  {"figure": "second run", "value": "not re-run",
+                                   "target": "identical", "pass": None, "note": ""}]},
         "training": {"total_seconds": 10.0},  # nested dicts merge key by key
     }
     merged = update_model_card(folder / "card.json", figures)
@@ -207,7 +209,8 @@ def test_update_model_card_merges_figures_and_rewrites_the_readme(tmp_path):
     assert recommended_learning_rate(str(folder)) == 3e-3
     readme = (folder / "README.md").read_text()
     for needle in ("## Measured figures", "**0.003**", "| 5e-05 | 11.7 |", "| BLEU gain | 31.5 |",
-                   "PASS", "Validation perplexity", card["weights_sha256"]):
+                   "| PASS |", "| not re-run | identical | n/a |", "Validation perplexity",
+                   card["weights_sha256"]):
         assert needle in readme, needle
     assert saved["files"]["README.md"] == len(readme.encode())
     assert (folder / "model.safetensors").read_bytes() == weights
