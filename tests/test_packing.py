@@ -35,12 +35,7 @@ TEXT = ("the court found for the tenant and ordered the deposit returned "
 WORDS = TEXT.split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pairs(n: int) -> list[dict[str, str]]:
