@@ -15,7 +15,11 @@ How a verdict is made, and why student code cannot change it:
 2. Each student's code runs in ONE fresh interpreter (``sys.executable -I``), in an empty temporary
    working directory, with a scrubbed environment (no path to the solutions or the submissions), an
    address-space limit (``RLIMIT_AS``), a CPU-time limit, a per-exercise alarm inside the child, and a
-   per-phase watchdog in the parent that kills the whole process group. The child receives the
+   per-phase watchdog in the parent that kills the whole process group. On Linux it also runs in
+   its own root filesystem and PID namespace (:mod:`lumorik_sft.sandbox`): only the system, Python
+   and the ``lumorik_sft`` package directory are there, read-only, so ``solutions/``, ``.git``, other
+   students' work and the gradebook do not exist for it; the student's code runs as ``nobody`` or
+   without capabilities, so it cannot undo that. The child receives the
    notebooks' code and the hidden inputs on stdin; it runs the code cells (minus magics and the
    ``checks.`` calls, each cell in its own try/except), calls the student's functions on the inputs and
    writes their outputs back as JSON data on a dedicated pipe, one record per exercise. Nothing is
@@ -54,6 +58,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lumorik_sft import sandbox
+from lumorik_sft.sandbox import Sandbox
+
 __all__ = [
     "ExerciseGrade",
     "GradingConfig",
@@ -78,6 +85,7 @@ class GradingConfig:
     memory_mb: int = 4096  # address space; importing torch alone maps ~2.2 GB
     startup_timeout: float = 180.0  # interpreter start and imports, under load
     max_restarts: int = 8  # fresh children after a crash/hang, per student
+    isolate: bool = True  # namespaces that hide the solutions (see lumorik_sft.sandbox), where available
 
 
 @dataclass
@@ -191,12 +199,18 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-def _run_child(job: dict[str, Any], config: GradingConfig, scratch: Path) -> _ChildRun:
+def _run_child(job: dict[str, Any], config: GradingConfig, scratch: Path, box: Sandbox) -> _ChildRun:
     """Start one child on `job`, follow its records with per-phase deadlines, classify its end."""
     private = Path(tempfile.mkdtemp(dir=scratch, prefix="run-"))
-    home = private / "home"
-    work = home / "work"
-    work.mkdir(parents=True)
+    root = private / "root"  # the child's root filesystem when isolated (see lumorik_sft.sandbox)
+    root.mkdir()
+    if box.isolated:
+        home = sandbox.HOME
+        work = Path("/")
+    else:
+        home = private / "home"
+        work = home / "work"
+        work.mkdir(parents=True)
     job_path = private / "job.json"
     job_path.write_text(json.dumps(job), encoding="utf-8")
     stderr_path = private / "stderr.txt"
@@ -204,8 +218,9 @@ def _run_child(job: dict[str, Any], config: GradingConfig, scratch: Path) -> _Ch
     cpu_budget = int(config.startup_timeout + config.timeout * (len(job["exercises"]) + n_cells + 2) + 30)
     read_fd, write_fd = os.pipe()
     with open(job_path, "rb") as stdin, open(stderr_path, "wb") as stderr:
+        argv = [sys.executable, "-I", "-c", _BOOTSTRAP, str(config.memory_mb), str(cpu_budget), str(write_fd)]
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _BOOTSTRAP, str(config.memory_mb), str(cpu_budget), str(write_fd)],
+            box.command(argv, root),
             stdin=stdin,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
@@ -280,7 +295,7 @@ def _run_child(job: dict[str, Any], config: GradingConfig, scratch: Path) -> _Ch
         shutil.rmtree(private, ignore_errors=True)
     if finished:
         return _ChildRun(records, True, None, "", "")
-    code = proc.returncode
+    code = box.exit_code(proc.returncode)
     if killed_for_time or code in (-signal.SIGXCPU, -signal.SIGALRM):
         death, detail = "timeout", "did not finish in time (the process was stopped)"
     elif phase and phase.get("overflow"):
@@ -388,7 +403,11 @@ def _dedupe_lines(lines: list[str], limit: int = 4) -> list[str]:
 
 
 def grade_student(
-    folder: str | Path, plan: _Plan, config: GradingConfig, scratch: str | Path
+    folder: str | Path,
+    plan: _Plan,
+    config: GradingConfig,
+    scratch: str | Path,
+    box: Sandbox | None = None,
 ) -> StudentGrade:
     """Grade one student's folder; never raises for anything the student's code does."""
     from lumorik_sft import checks
@@ -425,7 +444,7 @@ def grade_student(
                 for n in remaining
             ],
         }
-        run = _run_child(job, config, Path(scratch))
+        run = _run_child(job, config, Path(scratch), box or Sandbox("none"))
         for record in run.records:
             if record.get("event") == "result" and record.get("exercise") in grades:
                 outputs[record["exercise"]] = record.get("outputs", [])
@@ -491,7 +510,9 @@ def _feedback_markdown(student: StudentGrade, max_total: float) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _write_outputs(out: Path, plan: _Plan, students: list[StudentGrade], seed_note: str) -> None:
+def _write_outputs(
+    out: Path, plan: _Plan, students: list[StudentGrade], seed_note: str, isolation: str
+) -> None:
     from lumorik_sft import checks
 
     out.mkdir(parents=True, exist_ok=True)
@@ -509,6 +530,7 @@ def _write_outputs(out: Path, plan: _Plan, students: list[StudentGrade], seed_no
     summary = {
         "max_total": max_total,
         "seed": seed_note,
+        "isolation": isolation,
         "points": {n: checks.EXERCISES[n].points for n in plan.names},
         "students": [
             {
@@ -550,13 +572,18 @@ def grade(
     seed = secrets.randbits(63) if seed is None else seed
     plan = _make_plan(seed, exercises)
     results: dict[str, StudentGrade] = {}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="lumorik-grade-"))
+    box = sandbox.detect() if config.isolate else Sandbox("none")
+    if not box.isolated:
+        print(f"warning: {box.description}", file=sys.stderr)
     try:
         with (
             ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
             tqdm(total=len(folders), desc="grading", unit="student", disable=not progress) as bar,
         ):
-            futures = {pool.submit(grade_student, f, plan, config, scratch): f for f in folders}
+            futures = {pool.submit(grade_student, f, plan, config, scratch, box): f for f in folders}
             for future in as_completed(futures):
                 folder = futures[future]
                 try:
@@ -579,7 +606,7 @@ def grade(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     ordered = [results[f.name] for f in folders]
-    _write_outputs(Path(out), plan, ordered, seed_note)
+    _write_outputs(out, plan, ordered, seed_note, box.description)
     return ordered
 
 
@@ -781,6 +808,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fix the hidden cases' seed, to reproduce a run (default: a secret random seed)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-isolation",
+        action="store_true",
+        help="do not run student code in namespaces (only where they misbehave: the solutions may then "
+        "be readable by student code)",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -793,7 +826,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.workers < 1 or args.timeout <= 0 or args.memory_mb < 512:
         print("--workers must be >= 1, --timeout > 0 and --memory-mb >= 512")
         return 2
-    config = GradingConfig(timeout=args.timeout, memory_mb=args.memory_mb)
+    config = GradingConfig(timeout=args.timeout, memory_mb=args.memory_mb, isolate=not args.no_isolation)
     start = time.perf_counter()
     students = grade(
         args.submissions,

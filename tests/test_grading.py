@@ -15,7 +15,7 @@ import nbformat
 import pytest
 from test_checks import WRONG, WRONG_ANSWERS
 
-from lumorik_sft import checks, grading
+from lumorik_sft import checks, grading, sandbox
 from lumorik_sft.grading import GradingConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +75,7 @@ HOSTILE = {
             NB1,
             append=(
                 "def clean_and_dedupe(records):\n    blocks = []\n    while True:\n"
-                "        blocks.append(bytearray(512 * 2**20))",
+                "        blocks.append(bytes(512 * 2**20))",
             ),
         ),
         NB2: _notebook(
@@ -130,6 +130,7 @@ HOSTILE = {
                 "def leak_free_split(records, val_fraction=0.1, seed=0):\n"
                 "    places = [os.getcwd()] + [str(p) for p in __import__('pathlib').Path.cwd().parents]\n"
                 "    places += [os.path.expanduser('~')] + list(os.environ.values()) + sys.argv\n"
+                "    places += [str(__import__('pathlib').Path(_c.__file__).resolve().parents[1]), '/tmp']\n"
                 "    for place in places:\n"
                 "        for path in glob.glob(os.path.join(place, '**', 'solutions', '01_*.ipynb'), recursive=False)"
                 " + glob.glob(os.path.join(place, 'solutions', '01_*.ipynb')):\n"
@@ -222,8 +223,6 @@ def test_infinite_loops_time_out(graded):
     assert graded[0]["hostile_loop"].total == 3 + 2
 
 
-@pytest.mark.xfail(strict=False, reason="known defect (issue 6 note): on a loaded machine the allocation "
-                   "loop can hit the time limit before the memory limit, giving 'timeout'")
 def test_huge_allocations_are_out_of_memory(graded):
     assert _status(graded, "hostile_oom", "clean_and_dedupe") == "out of memory"
     assert _status(graded, "hostile_oom", "collate") == "out of memory"
@@ -243,13 +242,16 @@ def test_monkeypatching_checks_and_references_changes_nothing(graded):
     assert split.score == 0 and any("the package's reference" in f for f in split.feedback)
 
 
-@pytest.mark.xfail(strict=False, reason="known gap (issue 6 note): when the checkout sits under the child's "
-                   "temp folder's parents (CI clones in /tmp), student code can find and copy solutions/; "
-                   "fix: run the child as an unprivileged user or in a mount namespace")
+@pytest.mark.skipif(not sandbox.detect().isolated, reason="no mount namespaces on this machine")
 def test_reading_solutions_or_precomputing_answers_does_not_help(graded):
     student = graded[0]["hostile_read"]
     assert student.exercises["clean_and_dedupe"].score == 0
     assert student.exercises["leak_free_split"].score == 0
+
+
+def test_results_say_how_student_code_was_isolated(graded):
+    results = json.loads((graded[1] / "results.json").read_text())
+    assert results["isolation"] == sandbox.detect().description
 
 
 def test_gradebook_and_feedback_files(graded):
