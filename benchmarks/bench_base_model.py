@@ -94,7 +94,7 @@ class Settings:
     precision: str = "bf16"
     compare_fp32: bool = True
     n_generate: int | None = None  # None: all held-out pairs
-    knowledge_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    knowledge_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3)
     knowledge_epochs: int = 3
     knowledge_cap: tuple[int, int] | None = None  # (train, val) caps for smoke runs
     max_new_tokens: int | None = None  # None: from the longest reference
@@ -232,7 +232,7 @@ def encode(records: list[dict[str, str]], tokenizer, what: str) -> list[dict[str
         raise RuntimeError(f"encoding dropped {what} pairs: {report.to_dict()}")
     log(f"  {what}: {report.encoded} pairs, {report.completion_tokens / report.encoded:.0f} "
         f"completion tokens on average, {report.truncated} cut to {encoding.DEFAULT_MAX_LENGTH} "
-        "tokens (their completion loses its end and EOS)")
+        "tokens (the prompt is cut from the left; every completion keeps its end and EOS)")
     return examples
 
 
@@ -352,7 +352,7 @@ def worked_example(factory: BaseModelFactory, settings: Settings) -> dict[str, A
         "bleu_share_of_ceiling": after.bleu / ceiling if ceiling else None,
         "rouge_before": before.rouge, "rouge_after": after.rouge,
         "generations_hitting_max_new_tokens": truncated,
-        "bleu_after_at_96_new_tokens": short,
+        "bleu_after_at_demo_max_new_tokens": short,
         "sft_seconds": sft_seconds, "sft_other_cores": sft_cpu,
         "generation_seconds_before_and_after": gen_cpu["seconds"],
     }
