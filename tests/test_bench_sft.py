@@ -32,5 +32,11 @@ def test_bench_quick_smoke(tmp_path):
     # Packing changes the layout, not the arithmetic: same batches, same final loss.
     assert results["ours_packed"]["final_val_loss"] == pytest.approx(
         results["ours_padded"]["final_val_loss"], abs=1e-2)
+    # the validation-loss comparison is also averaged over extra training seeds (default 1, 2)
+    over = payload["summary"]["val_over_seeds"]
+    assert over["seeds"] == [0, 1, 2] and len(over["losses"]["ours_packed"]) == 3
+    assert over["packed_vs_trl_default"] == pytest.approx(
+        sum(over["losses"]["ours_packed"]) / sum(over["losses"]["trl_default"]) - 1)
+    assert "mean over training seeds 0, 1, 2" in (tmp_path / "RESULTS.md").read_text()
     assert (tmp_path / "RESULTS.md").read_text().count("|") > 20
     assert (tmp_path / "bench_sft.png").stat().st_size > 1000
