@@ -203,9 +203,9 @@ def _run_child(job: dict[str, Any], config: GradingConfig, scratch: Path, box: S
     """Start one child on `job`, follow its records with per-phase deadlines, classify its end."""
     private = Path(tempfile.mkdtemp(dir=scratch, prefix="run-"))
     root = private / "root"  # the child's root filesystem when isolated (see lumorik_sft.sandbox)
-    root.mkdir()
     if box.isolated:
-        home = sandbox.HOME
+        root.mkdir()
+        home = sandbox.HOME  # as the child sees it; the sandbox's shell changes into HOME / "work"
         work = Path("/")
     else:
         home = private / "home"
@@ -572,12 +572,11 @@ def grade(
     seed = secrets.randbits(63) if seed is None else seed
     plan = _make_plan(seed, exercises)
     results: dict[str, StudentGrade] = {}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="lumorik-grade-"))
     box = sandbox.detect() if config.isolate else Sandbox("none")
     if not box.isolated:
-        print(f"warning: {box.description}", file=sys.stderr)
+        why = "turned off" if not config.isolate else "namespaces are not available on this machine"
+        print(f"warning: {box.description} ({why})", file=sys.stderr)
     try:
         with (
             ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
@@ -606,7 +605,7 @@ def grade(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     ordered = [results[f.name] for f in folders]
-    _write_outputs(out, plan, ordered, seed_note, box.description)
+    _write_outputs(Path(out), plan, ordered, seed_note, box.description)
     return ordered
 
 

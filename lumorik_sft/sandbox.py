@@ -50,7 +50,7 @@ _DESCRIPTIONS = {
     "student code runs as user nobody",
     "no-capabilities": "own root filesystem (Python and lumorik_sft only, read-only) and PID "
     "namespace; student code runs without capabilities",
-    "none": "no isolation (namespaces unavailable here): student code may be able to read the solutions",
+    "none": "no isolation: student code may be able to read the solutions",
 }
 
 
