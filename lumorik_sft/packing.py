@@ -20,6 +20,13 @@ first token is -100, since in a packed row it would be "predicted" from the prev
 example. The same examples give the same summed completion NLL as the padded batch, so the
 loss curve and the gradients are the padded loop's, only cheaper.
 
+``mask="varlen"`` (the default for models on PyTorch's SDPA attention) goes one step
+further and drops padding altogether: the whole micro-batch becomes *one* row of exactly the
+sum of its lengths, with ``cu_seq_lens_q`` = [0, 9, 12, 16] marking where each example starts.
+While such a batch runs, `varlen_attention` switches the model to `varlen_sdpa_attention`,
+which calls SDPA's causal kernel once per example: no token is computed for padding, and the
+attention of each example costs its own length squared, on CPU and GPU alike.
+
 Why a 4-D mask and not just restarted ``position_ids``: Hugging Face detects packing from
 position ids only when no 2-D mask is given *and* no KV cache is built, and a model called
 in training mode builds a cache whenever ``config.use_cache`` is true (GPT-2's and Llama's
@@ -42,20 +49,27 @@ Run the checks with ``pytest tests/test_packing.py``.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+import contextlib
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from lumorik_sft.encoding import IGNORE_INDEX, SFTCollator, pad_sequences
 
 PACKING_MODES = ("none", "bfd", "length")
-MASK_KINDS = ("bool", "float", "none")
+MASK_KINDS = ("varlen", "bool", "float", "none")
 LENGTH_GROUP_MEGABATCHES = 50
 """Micro-batches per mega-batch in length grouping (the value Hugging Face's sampler uses)."""
 
 _VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+VARLEN_ATTENTION = "lumorik_sdpa_varlen"
+"""Name under which `varlen_sdpa_attention` is registered with transformers' AttentionInterface."""
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k")
+"""Batch keys that carry example boundaries to the attention (Hugging Face's names for them)."""
 
 
 # --------------------------------------------------------------------------- planning
@@ -148,21 +162,202 @@ def check_packing(packing: str) -> str:
     return packing
 
 
+# --------------------------------------------------------------------------- attention
+
+
+class _VarlenCalls:
+    """How many attention calls saw example boundaries: proof the model routed them to us."""
+
+    count = 0
+
+
+def varlen_sdpa_attention(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal SDPA on each example of a padding-free row; the AttentionInterface signature.
+
+    query, key, value are [1, heads, T, head_dim] for one row holding several examples;
+    ``cu_seq_lens_q`` gives where each starts. Each example attends only to itself, with
+    the causal kernel, so the cost is sum(n_i^2) and no mask is ever built. Without
+    boundaries (a padded batch, generation) this is plain SDPA.
+    """
+    if cu_seq_lens_q is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"a padding-free batch is one row, got {query.shape[0]} rows")
+    _VarlenCalls.count += 1
+    bounds = tuple(cu_seq_lens_q.tolist())
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if query.device.type == "cpu" and dropout == 0.0:
+        dtype = _attention_dtype(query, key, value)
+        q, k, v = (x[0].to(dtype).contiguous() for x in _repeat_kv(query, key, value))
+        out = SegmentAttention.apply(q, k, v, bounds, scale)  # [heads, T, head_dim]
+        return out.transpose(0, 1)[None].contiguous(), None
+    gqa = key.shape[1] != query.shape[1]  # grouped-query attention (Llama, Qwen2)
+    parts = [F.scaled_dot_product_attention(
+        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, is_causal=True,
+        scale=scale, enable_gqa=gqa) for s, e in zip(bounds, bounds[1:], strict=False) if e > s]
+    out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attention_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on (as SDPA would use), else the widest input's.
+
+    Under autocast, rotary embeddings (Llama) leave query and key in float32 while value
+    comes out of its projection in bf16.
+    """
+    device = xs[0].device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    dtype = xs[0].dtype
+    for x in xs[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+def _repeat_kv(query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Give key and value as many heads as the query (grouped-query attention)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    return query, key, value
+
+
+class SegmentAttention(torch.autograd.Function):
+    """Causal attention inside each segment of one row, with a hand-written backward.
+
+    Why not SDPA per segment: on a CPU, PyTorch's flash kernel is slow for rows of a few
+    hundred tokens (its backward ran at ~65 GFLOP/s here), and eight small calls per layer
+    pay autograd overhead eight times. This is textbook attention, one segment at a time:
+
+        S = scale * Q K^T + causal bias,  P = softmax(S),  O = P V
+        dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dP * P)),
+        dQ = scale * dS K,  dK = scale * dS^T Q
+
+    Matmuls run in the input dtype (bf16 under autocast), softmax and its backward in
+    float32 (or float64 for float64 inputs). Inputs are [heads, T, head_dim]; ``bounds``
+    are the segment offsets.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                bounds: tuple[int, ...], scale: float) -> torch.Tensor:
+        out = torch.empty_like(q)
+        probs = []
+        acc = torch.promote_types(q.dtype, torch.float32)  # softmax precision
+        q_, k_, v_ = (F.pad(x, (0, 0, 0, SEGMENT_MULTIPLE)) for x in (q, k, v))
+        with torch.autocast(q.device.type, enabled=False):
+            for s, e in zip(bounds, bounds[1:], strict=False):
+                n, m = e - s, _round_up(e - s, SEGMENT_MULTIPLE)
+                scores = torch.baddbmm(_causal_bias(m, q), q_[:, s:s + m],
+                                       k_[:, s:s + m].transpose(1, 2), alpha=scale)
+                p = torch.softmax(scores, dim=-1, dtype=acc)
+                p[:, n:] = 0  # rows of the next segment: no output, no gradient
+                out[:, s:e] = torch.bmm(p.to(q.dtype), v_[:, s:s + m])[:, :n]
+                probs.append(p)
+        ctx.save_for_backward(q_, k_, v_, *probs)
+        ctx.bounds, ctx.scale, ctx.length = bounds, scale, q.shape[1]
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, d_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q_, k_, v_, *probs = ctx.saved_tensors
+        t, dtype = ctx.length, q_.dtype
+        dq, dk, dv = (torch.empty_like(x[:, :t]) for x in (q_, k_, v_))
+        do_ = F.pad(d_out.to(dtype), (0, 0, 0, SEGMENT_MULTIPLE))
+        with torch.autocast(q_.device.type, enabled=False):
+            for (s, e), p in zip(zip(ctx.bounds, ctx.bounds[1:], strict=False), probs, strict=True):
+                n, m = e - s, p.shape[-1]
+                do = do_[:, s:s + m]
+                dv[:, s:e] = torch.bmm(p.to(dtype).transpose(1, 2), do)[:, :n]
+                dp = torch.bmm(do, v_[:, s:s + m].transpose(1, 2)).to(p.dtype)
+                # P * (dP - rowsum(dP * P)) in one pass: the kernel autograd uses for softmax
+                ds = (torch._softmax_backward_data(dp, p, -1, p.dtype) * ctx.scale).to(dtype)
+                dq[:, s:e] = torch.bmm(ds, k_[:, s:s + m])[:, :n]
+                dk[:, s:e] = torch.bmm(ds.transpose(1, 2), q_[:, s:s + m])[:, :n]
+        return dq, dk, dv, None, None
+
+
+SEGMENT_MULTIPLE = 16
+"""Segment windows are rounded up to this many tokens, so oneDNN sees 16 matmul shapes for
+rows up to 256 tokens instead of one per example length; it caches a kernel per shape, and
+with a shape per length its cache held ~0.5 GB more here. The extra positions are later
+tokens (causally invisible to the segment's queries) and extra query rows whose
+probabilities are zeroed, so the result is exact."""
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+_BIAS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _causal_bias(n: int, like: torch.Tensor) -> torch.Tensor:
+    """[n, n] additive causal mask (0 on and below the diagonal, -inf above), cached."""
+    key = (like.dtype, like.device)
+    bias = _BIAS.get(key)
+    if bias is None or bias.shape[0] < n:
+        size = max(n, 256)
+        bias = torch.full((size, size), float("-inf"), dtype=like.dtype, device=like.device).triu(1)
+        _BIAS[key] = bias
+    return bias[:n, :n]
+
+
+@contextlib.contextmanager
+def varlen_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Run `model` on `varlen_sdpa_attention` inside the block, then restore its attention.
+
+    Raises RuntimeError if a forward pass in the block never reached the varlen kernel
+    (a model that does not route attention through transformers' AttentionInterface):
+    its attention would silently cross example boundaries.
+    """
+    from transformers import AttentionInterface
+
+    if VARLEN_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
+    config = getattr(model, "module", model).config
+    previous = config._attn_implementation
+    before = _VarlenCalls.count
+    config._attn_implementation = VARLEN_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+    if _VarlenCalls.count == before:
+        raise RuntimeError(
+            f"{type(getattr(model, 'module', model)).__name__} did not call the varlen attention "
+            "for a padding-free packed batch, so its examples would attend to each other; pack "
+            "with PackedCollator(mask='bool') (4-D block masks) for this model instead")
+
+
 # --------------------------------------------------------------------------- collation
 
 
 def mask_kind_for(model: torch.nn.Module | None) -> str:
     """Which packed mask the model's attention implementation honours.
 
-    sdpa and flex read a boolean 4-D mask (True = attend); eager *adds* the mask to the
-    scores, so it needs a float one (0 / very negative); flash attention takes no 4-D mask
-    and finds example boundaries in the restarted position ids instead.
+    A transformers model on sdpa that routes attention through the AttentionInterface gets
+    'varlen' (one padding-free row, SDPA per example); other sdpa and flex models read a
+    boolean 4-D mask (True = attend); eager *adds* the mask to the scores, so it needs a
+    float one (0 / very negative); flash attention takes no 4-D mask and finds example
+    boundaries in the restarted position ids instead.
     """
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    base = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    impl = getattr(getattr(base, "config", None), "_attn_implementation", None) or "sdpa"
     if impl == "eager":
         return "float"
     if impl in _VARLEN_IMPLEMENTATIONS:
         return "none"
+    if impl == "sdpa" and getattr(base, "_supports_attention_backend", False):
+        return "varlen"
     return "bool"
 
 
@@ -187,14 +382,18 @@ def block_causal_mask(segment_ids: torch.Tensor, kind: str = "bool") -> torch.Te
 class PackedCollator:
     """Lay a micro-batch out best-fit decreasing in rows with block-diagonal causal masks.
 
-    ``capacity`` is the row length (None: the longest example of the micro-batch, so no row
-    is ever longer than the padded batch would be; a larger one, such as the encoding's
-    max_length, fits more examples per row at a higher attention cost on dense kernels).
-    ``mask`` is 'bool', 'float' or 'none' (see `mask_kind_for`). Each example keeps its
-    tokens and labels, its positions restart at 0, and its first label becomes -100 (see
-    the module docstring). Returned keys:
-    input_ids, attention_mask (unless mask='none'), position_ids, labels, segment_ids
-    (example number in the row, -1 on padding; bookkeeping, never passed to the model).
+    ``mask`` is 'varlen', 'bool', 'float' or 'none' (see `mask_kind_for`). With 'varlen'
+    and 'none' the kernel itself keeps examples apart, so the whole micro-batch is one row
+    with no padding at all ('varlen' adds ``cu_seq_lens_q``/``cu_seq_lens_k``, the offsets
+    where examples start, for `varlen_sdpa_attention`). With 'bool' and 'float' the rows
+    carry a 4-D block-diagonal mask and ``capacity`` is the row length (None: the longest
+    example of the micro-batch, so no row is longer than the padded batch would be; a
+    larger one fits more examples per row at a higher attention cost on dense kernels).
+    Each example keeps its tokens and labels, its positions restart at 0, and its first
+    label becomes -100 (see the module docstring). Returned keys:
+    input_ids, position_ids, labels, segment_ids (example number in the row, -1 on padding;
+    bookkeeping, never passed to the model), and attention_mask (4-D for 'bool' and
+    'float'; 2-D, 0 on padding, for 'varlen', which also adds cu_seq_lens_q/k).
     """
 
     pad_token_id: int
@@ -209,7 +408,14 @@ class PackedCollator:
     def rows(self, features: Sequence[Mapping[str, Sequence[int]]]) -> list[list[int]]:
         """Which features go in which row (indices into `features`)."""
         lengths = [len(f["input_ids"]) for f in features]
+        if self.padding_free:
+            return [list(range(len(features)))]
         return best_fit_decreasing(lengths, max(self.capacity or 0, max(lengths)))
+
+    @property
+    def padding_free(self) -> bool:
+        """One row holding the whole micro-batch: the attention kernel separates examples."""
+        return self.mask in ("varlen", "none")
 
     def __call__(self, features: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
         if not features:
@@ -242,9 +448,19 @@ class PackedCollator:
             "labels": pad_sequences(labels, IGNORE_INDEX, length=width),
             "segment_ids": segment_ids,
         }
-        if self.mask != "none":
+        if self.mask == "varlen":
+            lengths = (len(features[i]["input_ids"]) for i in self.rows(features)[0])
+            starts = [0, *itertools.accumulate(lengths)]
+            if width > starts[-1]:  # the padding is a segment of its own, never attended to
+                starts.append(width)
+            batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.tensor(starts, dtype=torch.int32)
+            # 2-D, 0 on padding: bookkeeping for readers and for transformers' padding check;
+            # the varlen attention builds no mask from it, it reads cu_seq_lens.
+            batch["attention_mask"] = (segment_ids >= 0).long()
+        elif self.mask != "none":
             batch["attention_mask"] = block_causal_mask(segment_ids, self.mask)
         return batch
+
 
 
 def make_collator(pad_token_id: int, packing: str = "none", model: torch.nn.Module | None = None,
@@ -310,20 +526,25 @@ def layout_cost(lengths: Sequence[int], micro_batches: Sequence[Sequence[int]],
                 capacity: int | None = None) -> LayoutCost:
     """Tokens and attention pairs an epoch plan computes under a packing mode.
 
-    ``varlen=True`` models a kernel that attends within each example only (flash attention
-    with position ids); otherwise a packed row pays its full T^2.
+    ``varlen=True`` models the padding-free layout ('bfd' with mask 'varlen' or flash
+    attention): each micro-batch is one row of exactly its examples' tokens and each
+    example's attention costs its own n^2. Otherwise 'bfd' lays out block-masked rows and
+    a row pays its full T^2.
     """
     real = computed = pairs = 0
     useful = sum(n * (n + 1) // 2 for n in lengths)
     for batch in micro_batches:
         ls = [lengths[i] for i in batch]
         real += sum(ls)
-        if packing == "bfd":
+        if packing == "bfd" and varlen:
+            computed += sum(ls)
+            pairs += sum(n * n for n in ls)
+        elif packing == "bfd":
             rows = [[ls[i] for i in row]
                     for row in best_fit_decreasing(ls, max(capacity or 0, max(ls)))]
             width = max(sum(r) for r in rows)
             computed += width * len(rows)
-            pairs += sum(n * n for n in ls) if varlen else width * width * len(rows)
+            pairs += width * width * len(rows)
         else:
             width = max(ls)
             computed += width * len(ls)

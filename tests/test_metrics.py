@@ -198,6 +198,52 @@ def test_completion_nll_matches_hf_loss_times_tokens(model_name: str, request) -
     assert nll.item() == pytest.approx(ref_total, abs=1e-4)
 
 
+class _FullLogitsOnly(torch.nn.Module):
+    """A causal LM that knows nothing of logits_to_keep (older transformers, plain modules)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+class _BrokenKeep(torch.nn.Module):
+    """Takes logits_to_keep but only understands an int (the transformers 4.x behaviour)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=0):
+        logits = self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+        return type("Out", (), {"logits": logits[:, slice(-logits_to_keep, None)]})()
+
+
+@pytest.mark.parametrize("wrap", [None, _FullLogitsOnly, _BrokenKeep])
+def test_completion_nll_selected_head_rows_equal_full_logits(gpt2, wrap) -> None:
+    """Only supervised positions go through the LM head; the NLL is that of the full logits,
+    also after rounding the kept rows up to a multiple of 64, and for models that cannot
+    select rows (they get the full logits, indexed)."""
+    model = gpt2 if wrap is None else wrap(gpt2)
+    batch = make_batch([3, 1, 6, 2], [5, 9, 2, 7], seq_len=12, seed=5)
+    nll, n = M.completion_nll(model, batch)
+    ref, ref_n = manual_nll(gpt2, batch)
+    assert n == ref_n == 23
+    assert nll.item() == pytest.approx(ref, abs=1e-4)
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = batch["labels"][:, 1:] != -100
+    with torch.no_grad():
+        rows = M.completion_logits(model, batch, keep)
+        full = gpt2(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert rows.shape == (23, VOCAB)
+    torch.testing.assert_close(rows, full[keep], atol=1e-5, rtol=1e-5)
+    grown, real = M._round_up_kept(keep)
+    assert int(grown.sum()) == 48 and bool((grown & keep).eq(keep).all())  # all 48 positions
+    assert int(real.sum()) == 23
+
+
 def test_completion_nll_ignores_tokens_after_last_supervised_position(gpt2) -> None:
     batch = make_batch([3, 2], [4, 6], seq_len=12, seed=2)
     before, n_before = M.completion_nll(gpt2, batch)

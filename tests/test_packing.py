@@ -5,18 +5,23 @@ Tiny GPT-2 / Llama / Qwen2 models on toy pairs; every test runs in about a secon
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import os
 import signal
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lumorik_sft.encoding import IGNORE_INDEX, SFTCollator, encode_records
 from lumorik_sft.metrics import completion_nll
 from lumorik_sft.models import build_model
 from lumorik_sft.packing import (
+    VARLEN_KEYS,
     PackedCollator,
+    SegmentAttention,
     best_fit_decreasing,
     block_causal_mask,
     count_input_tokens,
@@ -26,6 +31,7 @@ from lumorik_sft.packing import (
     mask_kind_for,
     naive_packed_batch,
     plan_micro_batches,
+    varlen_attention,
 )
 from lumorik_sft.training import TrainConfig, count_target_tokens, epoch_order, train
 
@@ -146,29 +152,104 @@ def test_float_mask_is_additive_and_mask_kind_follows_attention():
 # --------------------------------------------------------------------------- equivalence
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_nll_equals_unpacked(toy_tokenizer, examples, arch, attn):
+@pytest.mark.parametrize(("attn", "mask"), [("sdpa", "varlen"), ("sdpa", "bool"), ("eager", "float")])
+def test_packed_nll_equals_unpacked(toy_tokenizer, examples, arch, attn, mask):
     model = _model(toy_tokenizer, arch, attn=attn)
     pad = toy_tokenizer.pad_token_id
     padded = SFTCollator(pad)
-    packed = make_collator(pad, "bfd", model)
-    assert packed.mask == ("float" if attn == "eager" else "bool")
+    assert make_collator(pad, "bfd", model).mask == ("float" if attn == "eager" else "varlen")
+    packed = PackedCollator(pad, mask=mask)
     with torch.no_grad():
         for i in range(0, len(examples), 8):
             chunk = examples[i:i + 8]
             ref, n_ref = completion_nll(model, padded(chunk))
             batch = packed(chunk)
             assert batch["input_ids"].numel() < padded(chunk)["input_ids"].numel()
+            if mask == "varlen":  # one row, not a single padding token
+                assert batch["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in chunk))
             got, n_got = completion_nll(model, batch)
             assert n_got == n_ref
             assert float(got) == pytest.approx(float(ref), abs=1e-4)
+    assert model.config._attn_implementation == attn  # restored after each varlen batch
+
+
+def test_varlen_row_golden_offsets():
+    features = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                {"input_ids": [8, 9], "labels": [-100, 9]}]
+    batch = PackedCollator(1, mask="varlen")(features)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1]]
+    rounded = PackedCollator(1, mask="varlen", pad_to_multiple_of=4)(features)
+    assert rounded["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1, 1, 1]]
+    assert rounded["cu_seq_lens_q"].tolist() == [0, 3, 5, 8]  # padding: a segment of its own
+    assert rounded["labels"][0, 5:].tolist() == [-100] * 3
+    assert rounded["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("lengths", [[5, 16, 33, 1], [40], [17, 3, 64, 2, 9]])
+def test_segment_attention_matches_sdpa_per_example_in_float64(lengths):
+    """Forward and hand-written backward equal SDPA run on each example alone (float64),
+    with segment lengths that are and are not multiples of the 16-token window."""
+    torch.manual_seed(0)
+    heads, dim, t = 3, 8, sum(lengths)
+    bounds = (0, *itertools.accumulate(lengths))
+    q, k, v = (torch.randn(heads, t, dim, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grad = torch.randn(heads, t, dim, dtype=torch.float64)
+    out = SegmentAttention.apply(q, k, v, bounds, dim ** -0.5)
+    got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    ref_out = torch.cat([F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True)
+                         for s, e in zip(bounds, bounds[1:], strict=False)], dim=1)
+    want = [ref_out, *torch.autograd.grad(ref_out, (q, k, v), grad)]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_varlen_attention_handles_grouped_query_heads_and_bf16(toy_tokenizer, examples):
+    """Llama with 2 key-value heads for 4 query heads, under bf16 autocast: the packed NLL and
+    its gradients stay those of the padded batch (to bf16 precision)."""
+    model = build_model("llama", toy_tokenizer, seed=0, n_layer=2, width=64, n_head=4, context=128)
+    assert model.config.num_key_value_heads == 2
+    chunk = examples[:6]
+    results = []
+    for batch in (SFTCollator(toy_tokenizer.pad_token_id)(chunk),
+                  PackedCollator(toy_tokenizer.pad_token_id, mask="varlen", pad_to_multiple_of=16)(chunk)):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nll, n = completion_nll(model, batch)
+        (nll / n).backward()
+        results.append((float(nll.detach()), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (a, ga), (b, gb) = results
+    assert b == pytest.approx(a, rel=2e-2)
+    assert float(torch.nn.functional.cosine_similarity(ga, gb, dim=0)) > 0.99
+
+
+def test_varlen_refuses_a_model_that_bypasses_the_attention_interface(toy_tokenizer, examples):
+    """A model whose attention never sees the boundaries must fail loudly, not leak."""
+    inner = _model(toy_tokenizer)
+
+    class Opaque(torch.nn.Module):  # forwards ids and positions only: boundaries are lost
+        config = inner.config
+
+        def forward(self, input_ids, position_ids=None, **kwargs):
+            return inner(input_ids=input_ids, position_ids=position_ids)
+
+    batch = PackedCollator(toy_tokenizer.pad_token_id, mask="varlen")(examples[:4])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="did not call the varlen attention"):
+        completion_nll(Opaque(), batch)
+    assert inner.config._attn_implementation == "sdpa"
 
 
 def _max_gap_to_unpacked(model, features, batch, use_cache):
     """Largest logit difference between each example alone and the same example in `batch`."""
+    keys = ("input_ids", "attention_mask", "position_ids", *VARLEN_KEYS)
+    varlen = varlen_attention(model) if "cu_seq_lens_q" in batch else contextlib.nullcontext()
     with torch.no_grad():
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        logits = model(**inputs, use_cache=use_cache).logits
+        inputs = {k: batch[k] for k in keys if k in batch}
+        with varlen:
+            logits = model(**inputs, use_cache=use_cache).logits
         gap = 0.0
         for f in features:
             alone = model(input_ids=torch.tensor([f["input_ids"]])).logits[0]
@@ -195,8 +276,10 @@ def test_no_attention_across_examples_even_with_use_cache(toy_tokenizer, example
     pad = toy_tokenizer.pad_token_id
     ours = PackedCollator(pad, capacity=sum(len(f["input_ids"]) for f in features))(features)
     assert ours["input_ids"].shape[0] == 1  # all four share one row: attention could leak
+    varlen = PackedCollator(pad, mask="varlen")(features)
     for use_cache in (True, False):
         assert _max_gap_to_unpacked(model, features, ours, use_cache) < 1e-4
+        assert _max_gap_to_unpacked(model, features, varlen, use_cache) < 1e-4
     # The test bites: restarted position ids with a plain 2-D mask, and the use_cache=True
     # trap (no 2-D mask, but a KV cache switches Hugging Face's packing detection off).
     naive = naive_packed_batch(features, pad)
@@ -268,8 +351,8 @@ def test_config_rejects_unknown_packing():
 def test_wider_rows_hold_more_examples_and_keep_the_loss(toy_tokenizer, examples):
     model = _model(toy_tokenizer)
     chunk = examples[:8]
-    narrow = make_collator(toy_tokenizer.pad_token_id, "bfd", model)(chunk)
-    wide = make_collator(toy_tokenizer.pad_token_id, "bfd", model, capacity=128)(chunk)
+    narrow = PackedCollator(toy_tokenizer.pad_token_id, mask="bool")(chunk)
+    wide = PackedCollator(toy_tokenizer.pad_token_id, mask="bool", capacity=128)(chunk)
     assert wide["input_ids"].shape[0] < narrow["input_ids"].shape[0]
     with torch.no_grad():
         a, n_a = completion_nll(model, narrow)
@@ -282,12 +365,15 @@ def test_wider_rows_hold_more_examples_and_keep_the_loss(toy_tokenizer, examples
 def test_pad_to_multiple_of_rounds_training_batches(toy_tokenizer, examples):
     model = _model(toy_tokenizer)
     chunk = examples[:8]
+    real = sum(len(ex["input_ids"]) for ex in chunk)
     for mode in ("none", "bfd", "length"):
         batch = make_collator(toy_tokenizer.pad_token_id, mode, model, pad_to_multiple_of=32)(chunk)
         assert batch["input_ids"].shape[1] % 32 == 0
-        assert count_input_tokens(batch) == sum(len(ex["input_ids"]) for ex in chunk)
-    padded = make_collator(toy_tokenizer.pad_token_id, "bfd", model)(chunk)
-    rounded = make_collator(toy_tokenizer.pad_token_id, "bfd", model, pad_to_multiple_of=32)(chunk)
+        if mode == "bfd":  # varlen: one row, padded only up to the multiple
+            assert batch["input_ids"].shape == (1, -(-real // 32) * 32)
+        assert count_input_tokens(batch) == real
+    padded = PackedCollator(toy_tokenizer.pad_token_id, mask="bool")(chunk)
+    rounded = PackedCollator(toy_tokenizer.pad_token_id, mask="bool", pad_to_multiple_of=32)(chunk)
     with torch.no_grad():
         assert float(completion_nll(model, rounded)[0]) == pytest.approx(
             float(completion_nll(model, padded)[0]), abs=1e-4)
