@@ -160,13 +160,14 @@ def completion_nll(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[to
             f"labels shape {tuple(labels.shape)} does not match input_ids' [B, T] "
             f"{tuple(batch['input_ids'].shape)}; labels must be aligned with input_ids (not pre-shifted)."
         )
-    targets = labels[:, 1:]
-    supervised = targets != IGNORE_INDEX
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = supervised  # position t predicts token t + 1
+    next_labels = torch.full_like(labels, IGNORE_INDEX)
+    next_labels[:, :-1] = labels[:, 1:]  # position t predicts token t + 1
+    keep = _round_up_kept(next_labels != IGNORE_INDEX)
     logits = completion_logits(model, batch, keep)
-    nll_sum = F.cross_entropy(logits.float(), targets[supervised].to(logits.device), reduction="sum")
-    return nll_sum, int(supervised.sum().item())
+    targets = next_labels[keep].to(logits.device)  # -100 on the rows added by the rounding
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
+    nll_sum = F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE_INDEX)
+    return nll_sum, int((targets != IGNORE_INDEX).sum().item())
 
 
 def completion_logits(model: torch.nn.Module, batch: Mapping[str, Any], keep: torch.Tensor) -> torch.Tensor:
@@ -187,7 +188,6 @@ def completion_logits(model: torch.nn.Module, batch: Mapping[str, Any], keep: to
         context = varlen_attention(model)
     if _accepts(base, "use_cache"):
         inputs["use_cache"] = False  # no KV cache to build and throw away
-    keep, real = _round_up_kept(keep)
     n_keep = int(keep.sum().item())
     known = _HEAD_KEEPS_MASK.get(type(base))
     with context:
@@ -201,37 +201,33 @@ def completion_logits(model: torch.nn.Module, batch: Mapping[str, Any], keep: to
             works = logits is not None and logits.dim() == 2 and logits.shape[0] == n_keep
             _HEAD_KEEPS_MASK[type(base)] = works
             if works:
-                return logits if real is None else logits[real.to(logits.device)]
+                return logits
         logits = model(**inputs).logits
     if logits.shape[:2] != keep.shape:
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not match the batch's [B, T] "
                          f"{tuple(keep.shape)}")
-    logits = logits[keep.to(logits.device)]
-    return logits if real is None else logits[real.to(logits.device)]
+    return logits[keep.to(logits.device)]
 
 
 KEPT_MULTIPLE = 64
 """The LM head runs on a multiple of this many positions (see `_round_up_kept`)."""
 
 
-def _round_up_kept(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _round_up_kept(keep: torch.Tensor) -> torch.Tensor:
     """Add unsupervised positions to `keep` until it counts a multiple of KEPT_MULTIPLE.
 
     oneDNN, PyTorch's CPU matmul library, caches a kernel for every new matrix shape. A
     head that sees a different number of rows at every step filled that cache: resident
     memory grew from 0.8 to 1.5 GB over 60 steps here. With the count rounded up there
-    are at most a few dozen shapes, for at most 63 extra rows. Returns the new mask and,
-    when it grew, which of its kept positions are the real ones (None otherwise).
+    are at most a few dozen shapes, for at most 63 extra rows, whose targets are -100.
     """
-    n_keep = int(keep.sum().item())
-    extra = -n_keep % KEPT_MULTIPLE
+    extra = -int(keep.sum().item()) % KEPT_MULTIPLE
     free = (~keep).flatten().nonzero().squeeze(1)[:extra]
-    if extra == 0 or len(free) == 0:
-        return keep, None
+    if len(free) == 0:
+        return keep
     grown = keep.flatten().clone()
     grown[free] = True
-    grown = grown.view_as(keep)
-    return grown, keep[grown]
+    return grown.view_as(keep)
 
 
 _HEAD_KEEPS_MASK: dict[type, bool] = {}
@@ -241,7 +237,7 @@ _HEAD_KEEPS_MASK: dict[type, bool] = {}
 def _accepts(model: torch.nn.Module, name: str) -> bool:
     """Whether the model's forward takes keyword `name` (explicitly or through **kwargs)."""
     try:
-        params = inspect.signature(model).parameters  # a Module's forward, or __call__
+        params = inspect.signature(getattr(model, "forward", model)).parameters
     except (TypeError, ValueError):
         return False
     return name in params

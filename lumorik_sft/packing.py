@@ -241,8 +241,9 @@ class SegmentAttention(torch.autograd.Function):
         dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dP * P)),
         dQ = scale * dS K,  dK = scale * dS^T Q
 
-    Matmuls run in the input dtype (bf16 under autocast), softmax and its backward in
-    float32 (or float64 for float64 inputs). Inputs are [heads, T, head_dim]; ``bounds``
+    Everything runs in the input dtype (bf16 under autocast, like the flash kernels, which
+    also round P and dS to bf16 for their matmuls); PyTorch's softmax and its backward
+    accumulate in float32 inside the kernel. Inputs are [heads, T, head_dim]; ``bounds``
     are the segment offsets.
     """
 
@@ -251,16 +252,15 @@ class SegmentAttention(torch.autograd.Function):
                 bounds: tuple[int, ...], scale: float) -> torch.Tensor:
         out = torch.empty_like(q)
         probs = []
-        acc = torch.promote_types(q.dtype, torch.float32)  # softmax precision
         q_, k_, v_ = (F.pad(x, (0, 0, 0, SEGMENT_MULTIPLE)) for x in (q, k, v))
         with torch.autocast(q.device.type, enabled=False):
             for s, e in zip(bounds, bounds[1:], strict=False):
                 n, m = e - s, _round_up(e - s, SEGMENT_MULTIPLE)
                 scores = torch.baddbmm(_causal_bias(m, q), q_[:, s:s + m],
                                        k_[:, s:s + m].transpose(1, 2), alpha=scale)
-                p = torch.softmax(scores, dim=-1, dtype=acc)
+                p = torch.softmax(scores, dim=-1)  # bf16 in and out, float32 inside
                 p[:, n:] = 0  # rows of the next segment: no output, no gradient
-                out[:, s:e] = torch.bmm(p.to(q.dtype), v_[:, s:s + m])[:, :n]
+                out[:, s:e] = torch.bmm(p, v_[:, s:s + m])[:, :n]
                 probs.append(p)
         ctx.save_for_backward(q_, k_, v_, *probs)
         ctx.bounds, ctx.scale, ctx.length = bounds, scale, q.shape[1]
@@ -276,10 +276,10 @@ class SegmentAttention(torch.autograd.Function):
             for (s, e), p in zip(zip(ctx.bounds, ctx.bounds[1:], strict=False), probs, strict=True):
                 n, m = e - s, p.shape[-1]
                 do = do_[:, s:s + m]
-                dv[:, s:e] = torch.bmm(p.to(dtype).transpose(1, 2), do)[:, :n]
-                dp = torch.bmm(do, v_[:, s:s + m].transpose(1, 2)).to(p.dtype)
+                dv[:, s:e] = torch.bmm(p.transpose(1, 2), do)[:, :n]
+                dp = torch.bmm(do, v_[:, s:s + m].transpose(1, 2))
                 # P * (dP - rowsum(dP * P)) in one pass: the kernel autograd uses for softmax
-                ds = (torch._softmax_backward_data(dp, p, -1, p.dtype) * ctx.scale).to(dtype)
+                ds = torch._softmax_backward_data(dp, p, -1, dtype).mul_(ctx.scale)
                 dq[:, s:e] = torch.bmm(ds, k_[:, s:s + m])[:, :n]
                 dk[:, s:e] = torch.bmm(ds.transpose(1, 2), q_[:, s:s + m])[:, :n]
         return dq, dk, dv, None, None

@@ -239,9 +239,11 @@ def test_completion_nll_selected_head_rows_equal_full_logits(gpt2, wrap) -> None
         full = gpt2(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert rows.shape == (23, VOCAB)
     torch.testing.assert_close(rows, full[keep], atol=1e-5, rtol=1e-5)
-    grown, real = M._round_up_kept(keep)
+    grown = M._round_up_kept(keep)
     assert int(grown.sum()) == 48 and bool((grown & keep).eq(keep).all())  # all 48 positions
-    assert int(real.sum()) == 23
+    assert M._accepts(model, "logits_to_keep") == (wrap is not _FullLogitsOnly)
+    if wrap is None:  # the head really ran on the kept rows only
+        assert M._HEAD_KEEPS_MASK[type(gpt2)] is True
 
 
 def test_completion_nll_ignores_tokens_after_last_supervised_position(gpt2) -> None:

@@ -175,6 +175,28 @@ def test_same_seed_same_run_different_seed_different_run(toy_tokenizer, train_ex
     assert not torch.equal(m0.transformer.wte.weight, m2.transformer.wte.weight)
 
 
+def test_fused_activations_keep_the_run_and_restore_the_modules(toy_tokenizer, train_ex, val_ex):
+    """The fused tanh GELU is GPT-2's gelu_new in one kernel: same losses (fp32), and the
+    model gets its own activation modules back after training."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    x = torch.linspace(-6, 6, 1001)
+    torch.testing.assert_close(GELUTanh()(x), NewGELUActivation()(x), atol=1e-6, rtol=0)
+    results = []
+    for fused in (True, False):
+        model = _model(toy_tokenizer)
+        seen: list[type] = []
+
+        def spy(event, model=model, seen=seen):
+            seen.extend(type(m) for m in model.modules() if "GELU" in type(m).__name__)
+
+        results.append(train(model, toy_tokenizer, train_ex, val_ex,
+                             _config(epochs=1, fused_activations=fused), callback=spy))
+        assert set(seen) == {GELUTanh if fused else NewGELUActivation}
+        assert {type(m) for m in model.modules() if "GELU" in type(m).__name__} == {NewGELUActivation}
+    assert results[0].losses == pytest.approx(results[1].losses, abs=1e-5)
+
+
 def test_epoch_order_is_a_function_of_seed_and_epoch():
     assert epoch_order(10, 0, 1) == epoch_order(10, 0, 1)
     assert sorted(epoch_order(10, 0, 1)) == list(range(10))
