@@ -6,6 +6,8 @@ What it checks on the GPU (and exits 1 if one fails):
 1. ``precision="auto"`` resolves to bf16 autocast on a GPU that supports it.
 2. A padding-free packed micro-batch (one row, SDPA per example) gives the padded batch's
    summed completion NLL, in fp32 (relative 1e-5).
+   Under bf16 autocast the packed batch runs PyTorch's variable-length flash attention
+   (``torch.nn.attention.varlen``): relative 1e-2.
 3. One epoch of the embedded model on the benchmark's mixed-length pairs, same seed,
    padded and packed: the training loss falls, and the two runs end within 2% of each other.
 
@@ -53,8 +55,11 @@ def _peak_mb(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
 
 
-def check_packed_nll(model, tok, examples, device: str) -> dict[str, float]:
-    """Summed completion NLL of padded and packed batches (fp32, eval mode)."""
+def check_packed_nll(model, tok, examples, device: str, bf16: bool = False) -> dict[str, float]:
+    """Summed completion NLL of padded and packed batches (eval mode; fp32, or bf16 autocast,
+    where the packed batch runs PyTorch's variable-length flash attention)."""
+    import contextlib
+
     from lumorik_sft.encoding import SFTCollator
     from lumorik_sft.metrics import completion_nll
     from lumorik_sft.packing import PackedCollator
@@ -62,8 +67,9 @@ def check_packed_nll(model, tok, examples, device: str) -> dict[str, float]:
     pad = tok.pad_token_id
     padded = packed = 0.0
     model.eval()
-    with torch.no_grad():
-        for i in range(0, 64, 8):
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        for i in range(0, min(64, len(examples)), 8):
             chunk = examples[i:i + 8]
             layouts = (("padded", SFTCollator(pad)), ("packed", PackedCollator(pad, mask="varlen")))
             for name, collate in layouts:
@@ -146,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": transformers.__version__, "python": platform.python_version(),
         "examples": len(train_ex), "completion_tokens": completion_tokens,
         "nll_check": check_packed_nll(model, tok, train_ex, device),
+        "nll_check_bf16": check_packed_nll(model, tok, train_ex, device, bf16=True),
     }
     report["lm_head_keeps_rows"] = {k.__name__: v for k, v in metrics._HEAD_KEEPS_MASK.items()}
     runs = {name: train_ours(model_dir, train_ex, packing, device)
@@ -161,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         failures.append(f"precision auto resolved to {pad['precision']}, not bf16")
     if report["nll_check"]["relative_gap"] > 1e-5:
         failures.append(f"packed NLL differs from padded by {report['nll_check']['relative_gap']:.2e}")
+    bf16_gap = report["nll_check_bf16"]["relative_gap"]
+    if bf16_gap > 1e-2:
+        failures.append(f"bf16 packed NLL differs from padded by {bf16_gap:.2e}")
     for name in ("ours_padded", "ours_packed"):
         if not runs[name]["last_loss"] < runs[name]["first_loss"]:
             failures.append(f"{name}: loss did not fall")

@@ -190,7 +190,7 @@ def completion_logits(model: torch.nn.Module, batch: Mapping[str, Any], keep: to
         inputs["use_cache"] = False  # no KV cache to build and throw away
     n_keep = int(keep.sum().item())
     known = _HEAD_KEEPS_MASK.get(type(base))
-    with context:
+    with context, _attention_backends(batch["input_ids"].device):
         if known is not False and _accepts(base, "logits_to_keep"):
             try:
                 logits = model(**inputs, logits_to_keep=keep.to(batch["input_ids"].device)).logits
@@ -228,6 +228,21 @@ def _round_up_kept(keep: torch.Tensor) -> torch.Tensor:
     grown = keep.flatten().clone()
     grown[free] = True
     return grown.view_as(keep)
+
+
+def _attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
+    """On CUDA, let SDPA choose any kernel but cuDNN's.
+
+    PyTorch 2.11 prefers cuDNN attention on an H100, and cuDNN builds a graph for every new
+    input shape: SFT batches change shape at every step, and each SDPA call then took
+    11-19 ms instead of microseconds (measured with benchmarks/bench_cuda.py). Flash and
+    memory-efficient attention have no per-shape setup.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 _HEAD_KEEPS_MASK: dict[type, bool] = {}

@@ -198,12 +198,44 @@ def varlen_sdpa_attention(
         q, k, v = (x[0].to(dtype).contiguous() for x in _repeat_kv(query, key, value))
         out = SegmentAttention.apply(q, k, v, bounds, scale)  # [heads, T, head_dim]
         return out.transpose(0, 1)[None].contiguous(), None
+    if query.device.type == "cuda" and dropout == 0.0:
+        out = _cuda_varlen(query, key, value, cu_seq_lens_q, bounds, scale)
+        if out is not None:
+            return out, None
     gqa = key.shape[1] != query.shape[1]  # grouped-query attention (Llama, Qwen2)
     parts = [F.scaled_dot_product_attention(
         query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, is_causal=True,
         scale=scale, enable_gqa=gqa) for s, e in zip(bounds, bounds[1:], strict=False) if e > s]
     out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def _cuda_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor,
+                 bounds: tuple[int, ...], scale: float) -> torch.Tensor | None:
+    """PyTorch's variable-length flash attention (torch >= 2.10, fp16/bf16): one kernel call
+    for the whole row. None where it is missing or the dtype is not half precision; the
+    caller then runs SDPA per example."""
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    dtype = _attention_dtype(query, key, value)
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    q, k, v = (x[0].transpose(0, 1).to(dtype) for x in _repeat_kv(query, key, value))  # [T, H, D]
+    longest = max(e - s for s, e in zip(bounds, bounds[1:], strict=False))
+    options: dict[str, Any] = ({"is_causal": True} if "is_causal" in params
+                               else {"window_size": (-1, 0)})  # (-1, 0) is causal from 2.12
+    if "scale" in params:
+        options["scale"] = scale
+    elif abs(scale - query.shape[-1] ** -0.5) > 1e-12:
+        return None  # this version cannot scale differently
+    cu = cu_seq_lens.to(device=query.device, dtype=torch.int32)
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, **options)
+    return out[None]  # [1, T, H, D], as transformers' attention functions return
 
 
 def _attention_dtype(*xs: torch.Tensor) -> torch.dtype:
