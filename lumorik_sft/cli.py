@@ -182,9 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="bf16 autocast or fp32 (default: auto)")
     p.add_argument("--packing", default="none", choices=["none", "bfd", "length"],
-                   help="none: dynamic padding; bfd: pack each micro-batch into block-diagonal rows "
-                        "(same loss); length: batch examples of similar length")
-    p.add_argument("--pack-length", type=int, default=None, help="row length for --packing bfd")
+                   help="none: dynamic padding; bfd: pack each micro-batch without padding, "
+                        "attention per example (same loss); length: batch examples of similar length")
+    p.add_argument("--pack-length", type=int, default=None,
+                   help="row length for --packing bfd with block masks (eager attention)")
     p.add_argument("--pad-to-multiple-of", type=int, default=None,
                    help="round batch widths up to this (64 helps bf16 on CPU)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
