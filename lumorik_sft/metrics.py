@@ -250,12 +250,21 @@ _HEAD_KEEPS_MASK: dict[type, bool] = {}
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:
-    """Whether the model's forward takes keyword `name` (explicitly or through **kwargs)."""
-    try:
-        params = inspect.signature(getattr(model, "forward", model)).parameters
-    except (TypeError, ValueError):
-        return False
+    """Whether the model's forward takes keyword `name` (explicitly or through **kwargs).
+
+    Looked up once per model class: this runs for every micro-batch.
+    """
+    params = _FORWARD_PARAMS.get(type(model))
+    if params is None:
+        try:
+            params = frozenset(inspect.signature(getattr(model, "forward", model)).parameters)
+        except (TypeError, ValueError):
+            params = frozenset()
+        _FORWARD_PARAMS[type(model)] = params
     return name in params
+
+
+_FORWARD_PARAMS: dict[type, frozenset[str]] = {}
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import itertools
+import functools
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -215,16 +216,14 @@ def _cuda_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu
     """PyTorch's variable-length flash attention (torch >= 2.10, fp16/bf16): one kernel call
     for the whole row. None where it is missing or the dtype is not half precision; the
     caller then runs SDPA per example."""
-    try:
-        import inspect
-
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
+    params = _varlen_attn_params()
+    if params is None:
         return None
+    from torch.nn.attention.varlen import varlen_attn
+
     dtype = _attention_dtype(query, key, value)
     if dtype not in (torch.float16, torch.bfloat16):
         return None
-    params = inspect.signature(varlen_attn).parameters
     q, k, v = (x[0].transpose(0, 1).to(dtype) for x in _repeat_kv(query, key, value))  # [T, H, D]
     longest = max(e - s for s, e in zip(bounds, bounds[1:], strict=False))
     options: dict[str, Any] = ({"is_causal": True} if "is_causal" in params
@@ -236,6 +235,17 @@ def _cuda_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu
     cu = cu_seq_lens.to(device=query.device, dtype=torch.int32)
     out = varlen_attn(q, k, v, cu, cu, longest, longest, **options)
     return out[None]  # [1, T, H, D], as transformers' attention functions return
+
+
+@functools.cache
+def _varlen_attn_params() -> frozenset[str] | None:
+    """Keyword names of this torch's `varlen_attn` (they changed between 2.10 and 2.12), or
+    None where it does not exist. Looked up once: the attention runs in every layer."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _attention_dtype(*xs: torch.Tensor) -> torch.dtype:
@@ -256,10 +266,10 @@ def _attention_dtype(*xs: torch.Tensor) -> torch.dtype:
 def _repeat_kv(query: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Give key and value as many heads as the query (grouped-query attention)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
     groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    return query, key, value
+    return query, repeat_kv(key, groups), repeat_kv(value, groups)
 
 
 class SegmentAttention(torch.autograd.Function):
@@ -481,9 +491,10 @@ class PackedCollator:
             "segment_ids": segment_ids,
         }
         if self.mask == "varlen":
-            lengths = (len(features[i]["input_ids"]) for i in self.rows(features)[0])
-            starts = [0, *itertools.accumulate(lengths)]
-            if width > starts[-1]:  # the padding is a segment of its own, never attended to
+            # an example starts where its positions restart at 0; the padding is a segment of
+            # its own, never attended to
+            starts = [t for t, p in enumerate(pos[0]) if p == 0] + [len(pos[0])]
+            if width > starts[-1]:
                 starts.append(width)
             batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.tensor(starts, dtype=torch.int32)
             # 2-D, 0 on padding: bookkeeping for readers and for transformers' padding check;
@@ -492,7 +503,6 @@ class PackedCollator:
         elif self.mask != "none":
             batch["attention_mask"] = block_causal_mask(segment_ids, self.mask)
         return batch
-
 
 
 def make_collator(pad_token_id: int, packing: str = "none", model: torch.nn.Module | None = None,
