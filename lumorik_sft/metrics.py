@@ -163,11 +163,41 @@ def completion_nll(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[to
     next_labels = torch.full_like(labels, IGNORE_INDEX)
     next_labels[:, :-1] = labels[:, 1:]  # position t predicts token t + 1
     keep = _round_up_kept(next_labels != IGNORE_INDEX)
+    targets = next_labels[keep]  # -100 on the rows added by the rounding
+    n_tokens = int((targets != IGNORE_INDEX).sum().item())
+    head = _plain_head(model, batch, keep)
+    if head is not None:  # the LM head and the loss fused, a chunk of rows at a time
+        hidden = completion_hidden(model, batch, keep)
+        return linear_cross_entropy(hidden, head.weight, head.bias, targets.to(hidden.device)), n_tokens
     logits = completion_logits(model, batch, keep)
-    targets = next_labels[keep].to(logits.device)  # -100 on the rows added by the rounding
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
-    nll_sum = F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE_INDEX)
-    return nll_sum, int((targets != IGNORE_INDEX).sum().item())
+    nll_sum = F.cross_entropy(logits, targets.to(logits.device), reduction="sum", ignore_index=IGNORE_INDEX)
+    return nll_sum, n_tokens
+
+
+def _forward_inputs(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The model's keyword inputs for `batch`, and the attention context to run them in."""
+    base = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    inputs = {k: batch[k] for k in _MODEL_INPUT_KEYS if k in batch}
+    context: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if "cu_seq_lens_q" in batch:
+        inputs.update({k: batch[k] for k in VARLEN_KEYS if k in batch})
+        context = varlen_attention(model)
+    if _accepts(base, "use_cache"):
+        inputs["use_cache"] = False  # no KV cache to build and throw away
+    return inputs, context
+
+
+def completion_hidden(model: torch.nn.Module, batch: Mapping[str, Any], keep: torch.Tensor) -> torch.Tensor:
+    """The final hidden states (what the LM head reads) at the ``keep`` positions, [n_keep, d].
+
+    Runs the model's body (``model.base_model``) without its head; `linear_cross_entropy`
+    then applies the head. Only for models `_plain_head` accepts.
+    """
+    inputs, context = _forward_inputs(model, batch)
+    with context, _attention_backends(batch["input_ids"].device):
+        hidden = model.base_model(**inputs).last_hidden_state
+    return hidden[keep.to(hidden.device)]
 
 
 def completion_logits(model: torch.nn.Module, batch: Mapping[str, Any], keep: torch.Tensor) -> torch.Tensor:
@@ -181,13 +211,7 @@ def completion_logits(model: torch.nn.Module, batch: Mapping[str, Any], keep: to
     batch (``cu_seq_lens_q``) runs under `packing.varlen_attention`.
     """
     base = getattr(model, "module", model)  # DistributedDataParallel wraps the model
-    inputs = {k: batch[k] for k in _MODEL_INPUT_KEYS if k in batch}
-    context: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if "cu_seq_lens_q" in batch:
-        inputs.update({k: batch[k] for k in VARLEN_KEYS if k in batch})
-        context = varlen_attention(model)
-    if _accepts(base, "use_cache"):
-        inputs["use_cache"] = False  # no KV cache to build and throw away
+    inputs, context = _forward_inputs(model, batch)
     n_keep = int(keep.sum().item())
     known = _HEAD_KEEPS_MASK.get(type(base))
     with context, _attention_backends(batch["input_ids"].device):
@@ -207,6 +231,134 @@ def completion_logits(model: torch.nn.Module, batch: Mapping[str, Any], keep: to
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not match the batch's [B, T] "
                          f"{tuple(keep.shape)}")
     return logits[keep.to(logits.device)]
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor, *, chunk: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden @ weight.T + bias`` against ``targets`` (-100 ignored),
+    without ever holding the [rows, vocab] logits.
+
+    The LM head and the loss are fused: ``chunk`` rows at a time, we compute the logits, their
+    log-softmax in float32, the loss, and right away the gradients of the loss with respect to
+    ``hidden``, ``weight`` and ``bias`` (softmax - one-hot, times the inputs); backward then only
+    scales them by the incoming gradient. That is the idea of Liger Kernel's fused linear
+    cross-entropy and of Apple's Cut Cross-Entropy: with a 4,096-token vocabulary and ~1,000
+    supervised rows, the unfused head keeps ~60 MB of float32 logits, log-probabilities and
+    their gradients alive at the peak; here the peak is one chunk (~4 MB).
+
+    Under autocast the matmuls run in the autocast dtype, exactly as ``F.linear`` would, and
+    the softmax accumulates in float32 (float64 stays float64). The result is a 0-dim tensor.
+    """
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    if chunk is None:  # ~1 M logits (4 MB in float32) per chunk, a multiple of 64 rows
+        chunk = max(64, (1 << 20) // weight.shape[0] // 64 * 64)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, dtype, chunk)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and its gradients chunk by chunk; see `linear_cross_entropy`."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, dtype: torch.dtype, chunk: int) -> torch.Tensor:
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = torch.promote_types(dtype, torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            total = torch.zeros((), dtype=acc, device=hidden.device)
+            dh = torch.empty_like(h) if need_h else None
+            dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+            db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+            for s in range(0, h.shape[0], chunk):
+                rows, target = h[s:s + chunk], targets[s:s + chunk]
+                valid = target != IGNORE_INDEX
+                safe = target.clamp(min=0)  # ignored rows: any index, masked below
+                logp = torch.log_softmax(F.linear(rows, w, b), dim=-1, dtype=acc)
+                total -= (logp.gather(1, safe[:, None]).squeeze(1) * valid).sum()
+                if not (need_h or need_w or need_b):
+                    continue
+                grad = logp.exp_()  # d loss / d logits = softmax - one-hot, 0 on ignored rows
+                grad[torch.arange(len(safe), device=grad.device), safe] -= 1
+                grad = grad.mul_(valid[:, None]).to(dtype)
+                if dh is not None:
+                    torch.mm(grad, w, out=dh[s:s + chunk])
+                if dw is not None:
+                    dw.add_(grad.t() @ rows)
+                if db is not None:
+                    db.add_(grad.sum(0))
+        ctx.save_for_backward(dh, dw, db)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grads = []
+        for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True):
+            grads.append(None if g is None else (g * grad_out).to(dtype))
+        return (*grads, None, None, None)
+
+
+_PLAIN_HEAD: dict[type, bool] = {}
+"""Per model class: are its logits exactly ``lm_head(base_model(...))`` (see `_plain_head`)?"""
+
+
+def _plain_head(model: torch.nn.Module, batch: Mapping[str, Any],
+                keep: torch.Tensor) -> torch.nn.Linear | None:
+    """The LM head, when the loss may be computed as ``linear_cross_entropy(body output, head)``.
+
+    That holds for GPT-2, Llama, Qwen2 and most causal LMs, but not for a model that rescales
+    or soft-caps its logits (Gemma 2, Cohere, Granite) or for a plain module. So the first
+    batch of each model class is run both ways in float32 and the logits compared; the verdict
+    is remembered. Models in half precision (too coarse to tell a rescaled head apart), and
+    DistributedDataParallel wrappers (whose forward must run to sync gradients), keep the
+    unfused path.
+    """
+    if getattr(model, "module", None) is not None or not bool(keep.any()):
+        return None
+    body, get_head = getattr(model, "base_model", None), getattr(model, "get_output_embeddings", None)
+    if not isinstance(body, torch.nn.Module) or body is model or get_head is None:
+        return None
+    head = get_head()
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    verdict = _PLAIN_HEAD.get(type(model))
+    if verdict is None:
+        verdict = _PLAIN_HEAD[type(model)] = _head_is_plain(model, head, batch, keep)
+    return head if verdict else None
+
+
+def _head_is_plain(model: torch.nn.Module, head: torch.nn.Linear, batch: Mapping[str, Any],
+                   keep: torch.Tensor) -> bool:
+    """Do the model's own logits equal ``head(base_model(...))`` on this batch (eval, fp32)?
+
+    The head's weight is scaled by 64 for the comparison (a power of two, so dividing
+    restores it bit for bit; through ``.data``, so autograd's version counters do not move):
+    a freshly initialised model has logits near 0, where a soft cap such as
+    ``30 * tanh(logits / 30)`` is the identity to within 1e-7 and would pass.
+    """
+    if head.weight.dtype not in (torch.float32, torch.float64):
+        return False
+    was_training = model.training
+    model.eval()  # no dropout, so both runs see the same network
+    try:
+        with torch.no_grad(), torch.autocast(batch["input_ids"].device.type, enabled=False):
+            head.weight.data.mul_(_PROBE_SCALE)
+            try:
+                logits = completion_logits(model, batch, keep)
+                mine = F.linear(completion_hidden(model, batch, keep), head.weight, head.bias)
+            finally:
+                head.weight.data.div_(_PROBE_SCALE)
+    finally:
+        model.train(was_training)
+    return logits.shape == mine.shape and torch.allclose(logits, mine.to(logits.dtype), rtol=1e-5, atol=1e-5)
+
+
+_PROBE_SCALE = 64.0
 
 
 KEPT_MULTIPLE = 64

@@ -246,6 +246,110 @@ def test_completion_nll_selected_head_rows_equal_full_logits(gpt2, wrap) -> None
         assert M._HEAD_KEEPS_MASK[type(gpt2)] is True
 
 
+def _unfused_ce(hidden, weight, bias, targets):
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, targets, reduction="sum", ignore_index=-100)
+
+
+def _loss_and_grads(fn, hidden, weight, bias, targets, scale=1.0):
+    leaves = [x.detach().clone().requires_grad_() for x in (hidden, weight)]
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    loss = fn(*leaves, b, targets)
+    (loss * scale).backward()
+    return loss.detach(), leaves[0].grad, leaves[1].grad, None if b is None else b.grad
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(0, 200), vocab=st.sampled_from([7, 64, 300]), chunk=st.sampled_from([1, 5, 64, 1000]),
+       with_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_cross_entropy_equals_unfused_head_and_loss_fp64(rows, vocab, chunk, with_bias, seed) -> None:
+    """The fused, chunked head + loss gives the loss and all three gradients of
+    ``cross_entropy(linear(h, W, b))`` in float64, for any row count and chunk size,
+    with ignored rows anywhere."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, 16, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, 16, generator=gen, dtype=torch.float64)
+    bias = torch.randn(vocab, generator=gen, dtype=torch.float64) if with_bias else None
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    targets[torch.rand(rows, generator=gen) < 0.3] = -100
+    fused = _loss_and_grads(lambda h, w, b, t: M.linear_cross_entropy(h, w, b, t, chunk=chunk),
+                            hidden, weight, bias, targets, scale=0.37)
+    ref = _loss_and_grads(_unfused_ce, hidden, weight, bias, targets, scale=0.37)
+    assert fused[0].dtype == torch.float64
+    for got, want in zip(fused, ref, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_matches_autocast_head() -> None:
+    """Under bf16 autocast the fused head runs its matmuls in bf16 like F.linear would and
+    its softmax in float32: same loss to float32 rounding, gradients to bf16 rounding."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(300, 32, generator=gen)
+    weight = torch.randn(500, 32, generator=gen) * 0.2
+    targets = torch.randint(0, 500, (300,), generator=gen)
+    targets[::5] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = _loss_and_grads(lambda h, w, b, t: M.linear_cross_entropy(h, w, b, t, chunk=64),
+                                hidden, weight, None, targets)
+        ref = _loss_and_grads(_unfused_ce, hidden, weight, None, targets)
+    assert fused[0].dtype == torch.float32
+    assert fused[0].item() == pytest.approx(ref[0].item(), rel=1e-6)
+    for got, want in zip(fused[1:3], ref[1:3], strict=True):
+        assert got.dtype == want.dtype == torch.float32
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+
+
+def test_linear_cross_entropy_without_gradients_computes_none() -> None:
+    hidden, weight = torch.randn(10, 8), torch.randn(20, 8)
+    targets = torch.randint(0, 20, (10,))
+    with torch.inference_mode():
+        loss = M.linear_cross_entropy(hidden, weight, None, targets)
+    assert not loss.requires_grad
+    assert loss.item() == pytest.approx(_unfused_ce(hidden, weight, None, targets).item(), rel=1e-6)
+
+
+class _SoftCapped(GPT2LMHeadModel):
+    """GPT-2 with Gemma 2's final-logit soft cap: its logits are not lm_head(body)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = 30.0 * torch.tanh(out.logits / 30.0)
+        return out
+
+
+def test_completion_nll_fuses_a_plain_head_and_not_a_soft_capped_one(gpt2, llama) -> None:
+    """GPT-2 and Llama heads are plain: the loss goes through linear_cross_entropy and its
+    value and gradients equal the unfused loss (float64). A soft-capped head is detected on
+    a freshly initialised model (logits near 0, where the cap is nearly the identity) and
+    keeps the unfused path, so its NLL is still that of its own logits."""
+    batch = make_batch([3, 1, 6, 2], [5, 9, 2, 7], seq_len=12, seed=5)
+    for base in (gpt2, llama):
+        model = copy.deepcopy(base).double()
+        nll, n = M.completion_nll(model, batch)
+        assert M._PLAIN_HEAD[type(model)] is True and n == 23
+        assert nll.item() == pytest.approx(manual_nll(model, batch)[0], abs=1e-9)
+        nll.backward()
+        fused = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        keep = M._round_up_kept(torch.nn.functional.pad(batch["labels"][:, 1:] != -100, (0, 1)))
+        logits = M.completion_logits(model, batch, keep)
+        targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)[keep]
+        F.cross_entropy(logits, targets, reduction="sum", ignore_index=-100).backward()
+        for got, p in zip(fused, model.parameters(), strict=True):
+            torch.testing.assert_close(got, p.grad, atol=1e-10, rtol=1e-9)
+    torch.manual_seed(0)
+    capped = _SoftCapped(_gpt2(initializer_range=0.002).config).eval()  # logits within +-0.1
+    weight = capped.lm_head.weight.detach().clone()
+    nll, _ = M.completion_nll(capped, batch)
+    assert M._PLAIN_HEAD[_SoftCapped] is False
+    assert torch.equal(capped.lm_head.weight, weight)  # the probe restored the head exactly
+    assert nll.item() == pytest.approx(manual_nll(capped, batch)[0], abs=1e-4)
+
+
 def test_completion_nll_ignores_tokens_after_last_supervised_position(gpt2) -> None:
     batch = make_batch([3, 2], [4, 6], seq_len=12, seed=2)
     before, n_before = M.completion_nll(gpt2, batch)
