@@ -415,7 +415,8 @@ def write_report(out: Path, payload: dict) -> str:
         "that fraction of the % shown).",
         f"- Time to target: training seconds until the validation loss is <= {s['target_val_loss']:.4f} "
         "(1.02 x TRL default's final loss), evaluated every tenth of the run.",
-        "- Validation loss: `lumorik_sft.metrics.evaluate_loss`, fp32, same padded batches for all.",
+        "- Validation loss: `lumorik_sft.metrics.evaluate_loss`, fp32, same padded batches and same "
+        "code for all (fused head + loss and fused GELU included).",
         "",
         "| contestant | steps | train s | completion tok/s | all tok/s | useful GFLOP/s | % of peak "
         "| peak RSS MB | time to target s | final val loss |",
@@ -466,9 +467,11 @@ def write_report(out: Path, payload: dict) -> str:
         "row (rounded up to a multiple of 64), attention per example with `SegmentAttention` "
         "(same loss as `ours_padded`); `ours_length` groups examples of similar length "
         "(`TrainConfig(packing='length')`).",
-        "- All our loops run the LM head on supervised positions only, use PyTorch's fused AdamW "
-        "and swap GPT-2's Python GELU for the fused tanh GELU while training "
-        "(`TrainConfig.fused_activations`); the padded loop keeps the model's SDPA attention.",
+        "- All our loops run the LM head on supervised positions only, fused with the loss "
+        "(`metrics.linear_cross_entropy`: 256 rows at a time, the [rows, vocab] logits never held "
+        "whole), use PyTorch's fused AdamW and swap GPT-2's Python GELU for the fused tanh GELU "
+        "while training (`TrainConfig.fused_activations`); the padded loop keeps the model's SDPA "
+        "attention.",
         "- Peak RSS is each subprocess's own `ru_maxrss`; most of it is the imported libraries.",
         ("- This machine has no GPU: every figure here is CPU-only. The CUDA path is checked and timed "
          "by `benchmarks/bench_cuda.py` (last run, on an H100: `benchmarks/bench_cuda.json`).")

@@ -46,7 +46,7 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 from lumorik_sft.distributed import DataParallel, setup_data_parallel
 from lumorik_sft.encoding import IGNORE_INDEX, SFTCollator
 from lumorik_sft.metrics import completion_nll, evaluate_loss
-from lumorik_sft.models import prepare_tokenizer, resolve_device
+from lumorik_sft.models import fused_activations, prepare_tokenizer, resolve_device
 from lumorik_sft.packing import (
     PACKING_MODES,
     PackedCollator,
@@ -962,34 +962,6 @@ def train(
         _finalize(run, tokenizer)
     model.eval()
     return run.result
-
-
-@contextlib.contextmanager
-def fused_activations(model: torch.nn.Module, enabled: bool = True) -> Iterator[int]:
-    """Swap GPT-2's Python GELU for PyTorch's fused tanh GELU inside the block.
-
-    GPT-2's ``gelu_new`` computes 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) as seven
-    element-wise operations, each saving a tensor for backward; on a small model that was
-    ~15% of a CPU training step here. ``F.gelu(x, approximate="tanh")`` is the same formula
-    in one kernel (transformers' own ``GELUTanh``), computed in float32 inside, so in bf16
-    it is if anything more exact. The original modules come back on exit (they hold no
-    weights, so checkpoints are unaffected). Yields how many modules were swapped.
-    """
-    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
-
-    swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
-    if enabled:
-        for parent in model.modules():
-            for name, child in parent.named_children():
-                if type(child) in (NewGELUActivation, FastGELUActivation):
-                    swapped.append((parent, name, child))
-        for parent, name, _ in swapped:
-            setattr(parent, name, GELUTanh())
-    try:
-        yield len(swapped)
-    finally:
-        for parent, name, child in swapped:
-            setattr(parent, name, child)
 
 
 # --------------------------------------------------------------------------- the chapter
