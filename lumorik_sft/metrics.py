@@ -183,6 +183,8 @@ def _forward_inputs(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[d
     context: contextlib.AbstractContextManager = contextlib.nullcontext()
     if "cu_seq_lens_q" in batch:
         inputs.update({k: batch[k] for k in VARLEN_KEYS if k in batch})
+        # the longest example, read once per batch rather than by the attention of every layer
+        inputs["max_length_q"] = inputs["max_length_k"] = int(batch["cu_seq_lens_q"].diff().max())
         context = varlen_attention(model)
     if _accepts(base, "use_cache"):
         inputs["use_cache"] = False  # no KV cache to build and throw away

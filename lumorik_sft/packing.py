@@ -175,14 +175,16 @@ class _VarlenCalls:
 def varlen_sdpa_attention(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-    cu_seq_lens_q: torch.Tensor | None = None, **kwargs: Any,
+    cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None, **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Causal SDPA on each example of a padding-free row; the AttentionInterface signature.
 
     query, key, value are [1, heads, T, head_dim] for one row holding several examples;
-    ``cu_seq_lens_q`` gives where each starts. Each example attends only to itself, with
-    the causal kernel, so the cost is sum(n_i^2) and no mask is ever built. Without
-    boundaries (a padded batch, generation) this is plain SDPA.
+    ``cu_seq_lens_q`` gives where each starts and ``max_length_q`` the longest example
+    (`metrics.completion_nll` passes both, the names of transformers' flash-attention
+    kwargs). Each example attends only to itself, with the causal kernel, so the cost is
+    sum(n_i^2) and no mask is ever built. Without boundaries (a padded batch, generation)
+    this is plain SDPA.
     """
     if cu_seq_lens_q is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -192,17 +194,19 @@ def varlen_sdpa_attention(
     if query.shape[0] != 1:
         raise ValueError(f"a padding-free batch is one row, got {query.shape[0]} rows")
     _VarlenCalls.count += 1
-    bounds = tuple(cu_seq_lens_q.tolist())
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if query.device.type == "cuda" and dropout == 0.0:
+        # given max_length_q, nothing here waits for the GPU (.tolist() would, in every layer)
+        longest = int(cu_seq_lens_q.diff().max()) if max_length_q is None else max_length_q
+        out = _cuda_varlen(query, key, value, cu_seq_lens_q, longest, scale)
+        if out is not None:
+            return out, None
+    bounds = tuple(cu_seq_lens_q.tolist())
     if query.device.type == "cpu" and dropout == 0.0:
         dtype = _attention_dtype(query, key, value)
         q, k, v = (x[0].to(dtype).contiguous() for x in _repeat_kv(query, key, value))
         out = SegmentAttention.apply(q, k, v, bounds, scale)  # [heads, T, head_dim]
         return out.transpose(0, 1)[None].contiguous(), None
-    if query.device.type == "cuda" and dropout == 0.0:
-        out = _cuda_varlen(query, key, value, cu_seq_lens_q, bounds, scale)
-        if out is not None:
-            return out, None
     gqa = key.shape[1] != query.shape[1]  # grouped-query attention (Llama, Qwen2)
     parts = [F.scaled_dot_product_attention(
         query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, is_causal=True,
@@ -212,7 +216,7 @@ def varlen_sdpa_attention(
 
 
 def _cuda_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor,
-                 bounds: tuple[int, ...], scale: float) -> torch.Tensor | None:
+                 longest: int, scale: float) -> torch.Tensor | None:
     """PyTorch's variable-length flash attention (torch >= 2.10, fp16/bf16): one kernel call
     for the whole row. None where it is missing or the dtype is not half precision; the
     caller then runs SDPA per example."""
@@ -225,7 +229,6 @@ def _cuda_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu
     if dtype not in (torch.float16, torch.bfloat16):
         return None
     q, k, v = (x[0].transpose(0, 1).to(dtype) for x in _repeat_kv(query, key, value))  # [T, H, D]
-    longest = max(e - s for s, e in zip(bounds, bounds[1:], strict=False))
     options: dict[str, Any] = ({"is_causal": True} if "is_causal" in params
                                else {"window_size": (-1, 0)})  # (-1, 0) is causal from 2.12
     if "scale" in params:

@@ -228,6 +228,56 @@ def test_varlen_attention_handles_grouped_query_heads_and_bf16(toy_tokenizer, ex
     assert float(torch.nn.functional.cosine_similarity(ga, gb, dim=0)) > 0.99
 
 
+@pytest.mark.parametrize("arch_name", ["gpt2", "llama"])
+def test_varlen_attention_gets_the_longest_example_from_the_batch(toy_tokenizer, examples, arch_name,
+                                                                  monkeypatch):
+    """completion_nll reads the longest example once per batch and every layer's attention
+    receives it as ``max_length_q`` (on a GPU the attention then never waits for the device)."""
+    from transformers import AttentionInterface
+
+    from lumorik_sft import packing
+
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((kwargs.get("max_length_q"), kwargs.get("max_length_k")))
+        return packing.varlen_sdpa_attention(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, packing.VARLEN_ATTENTION, spy)
+    model = _model(toy_tokenizer, arch_name)
+    features = examples[:5]
+    batch = PackedCollator(toy_tokenizer.pad_token_id, mask="varlen", pad_to_multiple_of=64)(features)
+    longest = max(max(len(f["input_ids"]) for f in features), int(batch["cu_seq_lens_q"][-1])
+                  - sum(len(f["input_ids"]) for f in features))  # the padding is a segment too
+    with torch.no_grad():
+        completion_nll(model, batch)
+    assert seen == [(longest, longest)] * model.config.num_hidden_layers
+
+
+def test_cuda_varlen_passes_offsets_and_longest_to_pytorch(monkeypatch):
+    """The GPU path's call into torch.nn.attention.varlen.varlen_attn, with a stand-in kernel
+    (this machine has no GPU): [T, H, D] inputs in bf16, int32 offsets, the longest example."""
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    from lumorik_sft import packing
+
+    calls = []
+
+    def fake(q, k, v, cu_q, cu_k, max_q, max_k, **options):
+        calls.append((q.shape, q.dtype, cu_q.dtype, cu_q.tolist(), max_q, max_k, options))
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(varlen, "varlen_attn", fake)
+    q, k, v = (torch.randn(1, 4, 12, 8) for _ in range(3))
+    cu = torch.tensor([0, 5, 12])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = packing._cuda_varlen(q, k, v, cu, 7, 8 ** -0.5)
+    assert out.shape == (1, 12, 4, 8)
+    shape, dtype, cu_dtype, offsets, max_q, max_k, options = calls[0]
+    assert (shape, dtype, cu_dtype, offsets, max_q, max_k) == ((12, 4, 8), torch.bfloat16, torch.int32,
+                                                              [0, 5, 12], 7, 7)
+    assert options.get("is_causal") is True or options.get("window_size") == (-1, 0)
+
+
 def test_varlen_refuses_a_model_that_bypasses_the_attention_interface(toy_tokenizer, examples):
     """A model whose attention never sees the boundaries must fail loudly, not leak."""
     inner = _model(toy_tokenizer)
