@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -452,25 +452,53 @@ def _no_tokens_error() -> ValueError:
     )
 
 
+EVAL_TOKENS_PER_FORWARD = 2048
+"""Evaluation runs a padded batch this many positions (rows x width) at a time at most."""
+
+
 def _per_batch_nll(
-    model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], device: torch.device | str | None
+    model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], device: torch.device | str | None,
+    tokens_per_forward: int | None = EVAL_TOKENS_PER_FORWARD,
 ) -> list[tuple[float, int]]:
     """(nll_sum, n_tokens) for every batch, in eval mode without gradients.
 
     The model's previous train/eval mode is restored afterwards, so this can be called
-    in the middle of a training loop. GPT-2's Python GELU runs as the fused kernel
-    (`models.fused_activations`): the same function with fewer temporaries.
+    in the middle of a training loop. A batch of more than ``tokens_per_forward`` positions
+    runs a few rows at a time (`_row_slices`; the sums are the same), so the memory of an
+    evaluation does not grow with its batch size; GPT-2's Python GELU runs as the fused
+    kernel (`models.fused_activations`): the same function with fewer temporaries.
     """
     device = _model_device(model) if device is None else device
     was_training = model.training
     model.eval()
+    results = []
     try:
         with torch.inference_mode(), fused_activations(model):
-            return [
-                (float(nll), n) for nll, n in (completion_nll(model, _to_device(b, device)) for b in batches)
-            ]
+            for batch in batches:
+                nll, n = 0.0, 0
+                for piece in _row_slices(batch, tokens_per_forward):
+                    piece_nll, piece_n = completion_nll(model, _to_device(piece, device))
+                    nll, n = nll + float(piece_nll), n + piece_n
+                results.append((nll, n))
     finally:
         model.train(was_training)
+    return results
+
+
+def _row_slices(batch: Mapping[str, Any], tokens: int | None) -> Iterator[Mapping[str, Any]]:
+    """The batch in slices of whole rows with at most ``tokens`` positions each (at least a row).
+
+    Rows are independent in a padded batch and in block-masked packed rows, so every tensor
+    with one entry per row is sliced alike; a padding-free row (``cu_seq_lens_q``) is one row.
+    """
+    rows, width = batch["input_ids"].shape
+    if tokens is None or rows * width <= tokens or "cu_seq_lens_q" in batch:
+        yield batch
+        return
+    step = max(1, tokens // width)
+    for r in range(0, rows, step):
+        yield {k: v[r:r + step] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
+               for k, v in batch.items()}
 
 
 def evaluate_loss(
@@ -478,6 +506,7 @@ def evaluate_loss(
     batches: Iterable[Mapping[str, Any]],
     *,
     device: torch.device | str | None = None,
+    tokens_per_forward: int | None = EVAL_TOKENS_PER_FORWARD,
 ) -> EvalResult:
     """Validation loss and perplexity, weighted by supervised tokens.
 
@@ -488,8 +517,9 @@ def evaluate_loss(
         model: any causal LM returning ``.logits`` of shape [B, T, V].
         batches: dicts with ``input_ids``, ``attention_mask``, ``labels`` ([B, T]).
         device: where to run; defaults to the model's device.
+        tokens_per_forward: run larger batches a few rows at a time (None: whole batches).
     """
-    per_batch = _per_batch_nll(model, batches, device)
+    per_batch = _per_batch_nll(model, batches, device, tokens_per_forward)
     nll_sum = math.fsum(nll for nll, _ in per_batch)
     n_tokens = sum(n for _, n in per_batch)
     if n_tokens == 0:

@@ -434,6 +434,28 @@ def test_evaluate_loss_is_token_weighted(peaky_gpt2) -> None:
     assert abs(wrong - result.perplexity) > 0.01 * result.perplexity
 
 
+@pytest.mark.parametrize("tokens", [1, 24, 50])
+def test_evaluate_loss_in_row_slices_equals_whole_batches(gpt2, monkeypatch, tokens) -> None:
+    """A batch larger than tokens_per_forward runs a few rows at a time (at least one row):
+    same NLL sum and token count as whole batches (float64), fewer positions per forward."""
+    model = copy.deepcopy(gpt2).double()
+    batches = [make_batch([3, 1, 6, 2, 4], [5, 9, 2, 7, 3], seq_len=12, seed=5), *uneven_batches()]
+    whole = M.evaluate_loss(model, batches, tokens_per_forward=None)
+    widths = []
+    real = M.completion_nll
+
+    def spy(m, batch):
+        widths.append(batch["input_ids"].numel())
+        return real(m, batch)
+
+    monkeypatch.setattr(M, "completion_nll", spy)
+    sliced = M.evaluate_loss(model, batches, tokens_per_forward=tokens)
+    assert sliced.n_tokens == whole.n_tokens
+    assert sliced.nll_sum == pytest.approx(whole.nll_sum, rel=1e-12)
+    widest = max(b["input_ids"].shape[1] for b in batches)
+    assert max(widths) <= max(tokens, widest) and len(widths) > len(batches)
+
+
 def test_evaluate_loss_keeps_eval_mode_and_uses_model_device(gpt2) -> None:
     result = M.evaluate_loss(gpt2, [make_batch([2], [4], seq_len=8, seed=13)])
     assert not gpt2.training

@@ -278,6 +278,25 @@ def test_cuda_varlen_passes_offsets_and_longest_to_pytorch(monkeypatch):
     assert options.get("is_causal") is True or options.get("window_size") == (-1, 0)
 
 
+def test_evaluation_slices_block_masked_rows_and_keeps_a_padding_free_row_whole(toy_tokenizer, examples):
+    """Block-masked packed rows are independent, so evaluation may run them a row at a time;
+    a padding-free row (all examples in one) is never cut."""
+    from lumorik_sft.metrics import _row_slices, evaluate_loss
+
+    model = _model(toy_tokenizer).double()
+    pad = toy_tokenizer.pad_token_id
+    rows = PackedCollator(pad, capacity=48)(examples[:10])
+    flat = PackedCollator(pad, mask="varlen")(examples[:10])
+    assert rows["input_ids"].shape[0] > 1 and rows["attention_mask"].dim() == 4
+    assert len(list(_row_slices(rows, 1))) == rows["input_ids"].shape[0]
+    assert len(list(_row_slices(flat, 1))) == 1
+    whole = evaluate_loss(model, [rows], tokens_per_forward=None)
+    for batch in (rows, flat):
+        sliced = evaluate_loss(model, [batch], tokens_per_forward=1)
+        assert sliced.n_tokens == whole.n_tokens
+        assert sliced.nll_sum == pytest.approx(whole.nll_sum, rel=1e-10)
+
+
 def test_varlen_refuses_a_model_that_bypasses_the_attention_interface(toy_tokenizer, examples):
     """A model whose attention never sees the boundaries must fail loudly, not leak."""
     inner = _model(toy_tokenizer)
