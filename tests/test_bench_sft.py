@@ -31,6 +31,10 @@ def test_bench_quick_smoke(tmp_path):
     results = {r["name"]: r for r in payload["results"]}
     assert set(results) == {"ours_padded", "ours_packed", "trl_default"}
     assert all("error" not in r for r in results.values())
+    # each share is also given against the peak measured right before that contestant ran
+    for r in results.values():
+        assert r["peak_now"] > 0
+        assert r["peak_fraction_now"] == pytest.approx(r["useful_flop_s"] / r["peak_now"])
     # Packing changes the layout, not the arithmetic: same batches, same final loss.
     assert results["ours_packed"]["final_val_loss"] == pytest.approx(
         results["ours_padded"]["final_val_loss"], abs=1e-2)
