@@ -204,7 +204,10 @@ def varlen_sdpa_attention(
     bounds = tuple(cu_seq_lens_q.tolist())
     if query.device.type == "cpu" and dropout == 0.0:
         dtype = _attention_dtype(query, key, value)
-        q, k, v = (x[0].to(dtype).contiguous() for x in _repeat_kv(query, key, value))
+        # No .contiguous(): SegmentAttention copies its inputs once anyway (padded), and its
+        # output takes the input's memory layout, [T, heads, head_dim] for GPT-2, so the
+        # transpose below is then already contiguous.
+        q, k, v = (x[0].to(dtype) for x in _repeat_kv(query, key, value))
         out = SegmentAttention.apply(q, k, v, bounds, scale)  # [heads, T, head_dim]
         return out.transpose(0, 1)[None].contiguous(), None
     gqa = key.shape[1] != query.shape[1]  # grouped-query attention (Llama, Qwen2)
