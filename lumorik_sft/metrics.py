@@ -327,12 +327,27 @@ def _plain_head(model: torch.nn.Module, batch: Mapping[str, Any],
     if not isinstance(body, torch.nn.Module) or body is model or get_head is None:
         return None
     head = get_head()
-    if not isinstance(head, torch.nn.Linear):
+    if not isinstance(head, torch.nn.Linear) or head.weight.device.type == "meta" or _hooked(model, head):
         return None
     verdict = _PLAIN_HEAD.get(type(model))
     if verdict is None:
         verdict = _PLAIN_HEAD[type(model)] = _head_is_plain(model, head, batch["input_ids"])
     return head if verdict else None
+
+
+def _hooked(*modules: torch.nn.Module) -> bool:
+    """Would skipping these modules' own calls skip someone's code? (hooks, a replaced forward)
+
+    The fused loss reads the head's weight instead of calling the head, and runs the body
+    instead of the model: a hook that edits the logits (notebook 05 does), or accelerate's
+    device-placement hooks, must then keep the plain path.
+    """
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               or "forward" in vars(m) for m in modules)
 
 
 def _head_is_plain(model: torch.nn.Module, head: torch.nn.Linear, input_ids: torch.Tensor) -> bool:

@@ -104,11 +104,32 @@ def execute_notebook(
     try:
         client.execute(env=_kernel_env(fast, quiet_progress))
     except Exception:  # a cell error, a cell timeout, a dead kernel: keep what ran, then fail
-        nbformat.write(nb, nb_path)
+        nbformat.write(coalesce_streams(nb), nb_path)
         raise
     seconds = time.perf_counter() - start
-    nbformat.write(nb, nb_path)
+    nbformat.write(coalesce_streams(nb), nb_path)
     return seconds
+
+
+def coalesce_streams(nb: Any) -> Any:
+    """Merge each cell's consecutive stdout (or stderr) outputs into one, in place.
+
+    How a kernel splits a cell's printing into stream messages depends on flush timing, so
+    the same cell can be saved as one output or several; merged, a re-run changes only what
+    the cell prints.
+    """
+    for cell in nb.get("cells", []):
+        merged: list[Any] = []
+        for out in cell.get("outputs", []):
+            last = merged[-1] if merged else None
+            if (out.get("output_type") == "stream" and last is not None
+                    and last.get("output_type") == "stream" and last.get("name") == out.get("name")):
+                last["text"] = "".join(last["text"]) + "".join(out["text"])
+            else:
+                merged.append(out)
+        if "outputs" in cell:
+            cell["outputs"] = merged
+    return nb
 
 
 def execute_all(

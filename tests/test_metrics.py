@@ -350,6 +350,26 @@ def test_completion_nll_fuses_a_plain_head_and_not_a_soft_capped_one(gpt2, llama
     assert nll.item() == pytest.approx(manual_nll(capped, batch)[0], abs=1e-4)
 
 
+def test_a_hooked_head_keeps_the_plain_path(gpt2) -> None:
+    """The fused loss never calls the head module, so a hook that edits the logits (notebook 05
+    replaces them with the chapter's probabilities) must switch it off, even for a model class
+    already found plain: the NLL is that of the hooked logits."""
+    batch = make_batch([3, 1, 6, 2], [5, 9, 2, 7], seq_len=12, seed=5)
+    M.completion_nll(gpt2, batch)
+    assert M._PLAIN_HEAD[type(gpt2)] is True
+    head = gpt2.get_output_embeddings()
+    assert not M._hooked(gpt2, head)
+    handle = head.register_forward_hook(lambda module, inputs, output: output * 0.0)  # uniform logits
+    try:
+        assert M._hooked(gpt2, head)
+        with torch.no_grad():
+            nll, n = M.completion_nll(gpt2, batch)
+    finally:
+        handle.remove()
+    assert nll.item() == pytest.approx(n * math.log(VOCAB), rel=1e-6)
+    assert not M._hooked(gpt2, head)
+
+
 def test_completion_nll_ignores_tokens_after_last_supervised_position(gpt2) -> None:
     batch = make_batch([3, 2], [4, 6], seq_len=12, seed=2)
     before, n_before = M.completion_nll(gpt2, batch)

@@ -132,3 +132,19 @@ def test_execute_notebook_sets_the_mode_and_writes_in_place(tmp_path: Path):
     add_arguments(parser)
     assert run_from_args(parser.parse_args(["--execute", str(path)])) == 0  # full mode
     assert _read(path).cells[0].outputs[0]["text"].strip() == "0 False"
+
+
+def test_coalesce_streams_merges_consecutive_prints_of_one_stream():
+    """A cell's printing saved as one output per stream run, whatever the kernel's flush timing."""
+    from lumorik_sft.notebooks import coalesce_streams
+
+    out = nbformat.v4.new_output
+    cell = nbformat.v4.new_code_cell("print(1); print(2)")
+    cell.outputs = [out("stream", name="stdout", text="a"), out("stream", name="stdout", text="\nb\n"),
+                    out("stream", name="stderr", text="warn\n"), out("stream", name="stdout", text="c\n"),
+                    out("display_data", data={"text/plain": "x"}), out("stream", name="stdout", text="d\n")]
+    nb = nbformat.v4.new_notebook(cells=[cell, nbformat.v4.new_markdown_cell("text")])
+    coalesce_streams(nb)
+    assert [(o.output_type, o.get("name"), o.get("text")) for o in nb.cells[0].outputs] == [
+        ("stream", "stdout", "a\nb\n"), ("stream", "stderr", "warn\n"), ("stream", "stdout", "c\n"),
+        ("display_data", None, None), ("stream", "stdout", "d\n")]
