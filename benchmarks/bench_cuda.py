@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "nll_check_bf16": check_packed_nll(model, tok, train_ex, device, bf16=True),
     }
     report["lm_head_keeps_rows"] = {k.__name__: v for k, v in metrics._HEAD_KEEPS_MASK.items()}
-    report["fused_head_loss"] = {k.__name__: v for k, v in metrics._PLAIN_HEAD.items()}
+    report["fused_head_loss"] = {type(k).__name__: v for k, v in metrics._PLAIN_HEAD.items()}
     runs = {name: train_ours(model_dir, train_ex, packing, device)
             for name, packing in (("ours_padded", "none"), ("ours_packed", "bfd"), ("ours_length", "length"))}
     with tempfile.TemporaryDirectory() as work:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,8 +307,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-_PLAIN_HEAD: dict[type, bool] = {}
-"""Per model class: are its logits exactly ``lm_head(base_model(...))`` (see `_plain_head`)?"""
+_PLAIN_HEAD: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+"""Per model: are its logits exactly ``lm_head(base_model(...))`` (see `_plain_head`)?
+
+Per model and not per class: one class can soft-cap its logits or not depending on its config
+(Gemma 2's ``final_logit_softcapping``)."""
 
 
 def _plain_head(model: torch.nn.Module, batch: Mapping[str, Any],
@@ -315,11 +319,11 @@ def _plain_head(model: torch.nn.Module, batch: Mapping[str, Any],
     """The LM head, when the loss may be computed as ``linear_cross_entropy(body output, head)``.
 
     That holds for GPT-2, Llama, Qwen2 and most causal LMs, but not for a model that rescales
-    or soft-caps its logits (Gemma 2, Cohere, Granite) or for a plain module. So the first
-    batch of each model class is run both ways in float32 and the logits compared; the verdict
-    is remembered. Models in half precision (too coarse to tell a rescaled head apart), and
-    DistributedDataParallel wrappers (whose forward must run to sync gradients), keep the
-    unfused path.
+    or soft-caps its logits (Gemma 2, Cohere, Granite) or for a plain module. So each model is
+    run both ways once, in float32 on 16 tokens (`_head_is_plain`), and the verdict is
+    remembered. Models in half precision (too coarse to tell a rescaled head apart),
+    DistributedDataParallel wrappers (whose forward must run to sync gradients) and hooked
+    models (`_hooked`) keep the unfused path.
     """
     if getattr(model, "module", None) is not None or not bool(keep.any()):
         return None
@@ -329,9 +333,9 @@ def _plain_head(model: torch.nn.Module, batch: Mapping[str, Any],
     head = get_head()
     if not isinstance(head, torch.nn.Linear) or head.weight.device.type == "meta" or _hooked(model, head):
         return None
-    verdict = _PLAIN_HEAD.get(type(model))
+    verdict = _PLAIN_HEAD.get(model)
     if verdict is None:
-        verdict = _PLAIN_HEAD[type(model)] = _head_is_plain(model, head, batch["input_ids"])
+        verdict = _PLAIN_HEAD[model] = _head_is_plain(model, head, batch["input_ids"])
     return head if verdict else None
 
 
@@ -376,6 +380,8 @@ def _head_is_plain(model: torch.nn.Module, head: torch.nn.Linear, input_ids: tor
                 mine = F.linear(completion_hidden(model, batch, keep), head.weight, head.bias)
             finally:
                 head.weight.data.div_(_PROBE_SCALE)
+    except Exception:  # e.g. a body that needs more than token ids: keep the plain path
+        return False
     finally:
         model.train(was_training)
     return logits.shape == mine.shape and torch.allclose(logits, mine.to(logits.dtype), rtol=1e-5, atol=1e-5)

@@ -330,7 +330,7 @@ def test_completion_nll_fuses_a_plain_head_and_not_a_soft_capped_one(gpt2, llama
     for base in (gpt2, llama):
         model = copy.deepcopy(base).double()
         nll, n = M.completion_nll(model, batch)
-        assert M._PLAIN_HEAD[type(model)] is True and n == 23
+        assert M._PLAIN_HEAD[model] is True and n == 23
         assert nll.item() == pytest.approx(manual_nll(model, batch)[0], abs=1e-9)
         nll.backward()
         fused = [p.grad.clone() for p in model.parameters()]
@@ -345,9 +345,43 @@ def test_completion_nll_fuses_a_plain_head_and_not_a_soft_capped_one(gpt2, llama
     capped = _SoftCapped(_gpt2(initializer_range=0.002).config).eval()  # logits within +-0.1
     weight = capped.lm_head.weight.detach().clone()
     nll, _ = M.completion_nll(capped, batch)
-    assert M._PLAIN_HEAD[_SoftCapped] is False
+    assert M._PLAIN_HEAD[capped] is False
     assert torch.equal(capped.lm_head.weight, weight)  # the probe restored the head exactly
     assert nll.item() == pytest.approx(manual_nll(capped, batch)[0], abs=1e-4)
+
+
+class _MaybeCapped(GPT2LMHeadModel):
+    """Soft-caps its logits when its config says so, like Gemma 2's final_logit_softcapping."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            out.logits = cap * torch.tanh(out.logits / cap)
+        return out
+
+
+def test_the_fused_head_is_decided_per_model_not_per_class(monkeypatch) -> None:
+    """Two models of one class, one capped by its config: each gets its own verdict. A probe
+    that fails (a body needing more than token ids) means the plain path, not an error."""
+    batch = make_batch([3, 1, 6, 2], [5, 9, 2, 7], seq_len=12, seed=5)
+    cfg = _gpt2(initializer_range=0.002).config
+    plain = _MaybeCapped(cfg).eval()
+    capped = _MaybeCapped(copy.deepcopy(cfg)).eval()
+    capped.config.final_logit_softcapping = 30.0
+    for model, verdict in ((plain, True), (capped, False)):
+        nll, _ = M.completion_nll(model, batch)
+        assert M._PLAIN_HEAD[model] is verdict
+        assert nll.item() == pytest.approx(manual_nll(model, batch)[0], abs=1e-4)
+
+    def broken(*args, **kwargs):
+        raise TypeError("forward() missing 1 required argument: 'pixel_values'")
+
+    monkeypatch.setattr(M, "completion_hidden", broken)
+    fresh = _MaybeCapped(cfg).eval()
+    nll, _ = M.completion_nll(fresh, batch)
+    assert M._PLAIN_HEAD[fresh] is False
+    assert nll.item() == pytest.approx(manual_nll(fresh, batch)[0], abs=1e-4)
 
 
 def test_a_hooked_head_keeps_the_plain_path(gpt2) -> None:
@@ -356,7 +390,7 @@ def test_a_hooked_head_keeps_the_plain_path(gpt2) -> None:
     already found plain: the NLL is that of the hooked logits."""
     batch = make_batch([3, 1, 6, 2], [5, 9, 2, 7], seq_len=12, seed=5)
     M.completion_nll(gpt2, batch)
-    assert M._PLAIN_HEAD[type(gpt2)] is True
+    assert M._PLAIN_HEAD[gpt2] is True
     head = gpt2.get_output_embeddings()
     assert not M._hooked(gpt2, head)
     handle = head.register_forward_hook(lambda module, inputs, output: output * 0.0)  # uniform logits
