@@ -167,6 +167,11 @@ def encode_records(
     return examples, report
 
 
+def round_up(n: int, multiple: int | None) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (unchanged for None or 0)."""
+    return -(-n // multiple) * multiple if multiple else n
+
+
 def pad_sequences(
     rows: Sequence[Sequence[int]], value: int, *, side: str = "right",
     length: int | None = None,
@@ -203,10 +208,7 @@ class SFTCollator:
     def __call__(self, features: Sequence[dict[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("cannot collate an empty batch")
-        width = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            m = self.pad_to_multiple_of
-            width = (width + m - 1) // m * m
+        width = round_up(max(len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
         batch = {
             "input_ids": pad_sequences([f["input_ids"] for f in features], self.pad_token_id,
                                        side=self.padding_side, length=width),

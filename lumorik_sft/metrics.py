@@ -144,8 +144,10 @@ def completion_nll(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[to
     Logits at position t predict token t + 1, so we compare ``logits[:, :-1]`` with
     ``labels[:, 1:]``; positions whose label is -100 (prompt, padding) are ignored. A
     label at position 0 is never predicted and so never counted (same as HF's loss).
-    Only the positions that predict a supervised token go through the LM head
-    (`completion_logits`): prompt and padding logits would be thrown away anyway.
+    Only the positions that predict a supervised token go through the LM head: prompt and
+    padding logits would be thrown away anyway. Where the model's logits are exactly
+    ``lm_head(base_model(...))`` (`_plain_head`), the head is fused with the loss
+    (`linear_cross_entropy`); otherwise `completion_logits` returns those rows.
     Cross-entropy runs in float32 even for bf16/fp16 logits. We avoid the model's own
     ``labels=`` loss because it returns a *mean*, and means of batches with different
     token counts cannot be combined correctly.
@@ -177,8 +179,10 @@ def completion_nll(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[to
     return nll_sum, n_tokens
 
 
-def _forward_inputs(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
-    """The model's keyword inputs for `batch`, and the attention context to run them in."""
+@contextlib.contextmanager
+def _model_call(model: torch.nn.Module, batch: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """The model's keyword inputs for `batch`, inside the attention settings they need: the
+    varlen attention for a padding-free packed batch, no cuDNN attention on CUDA."""
     base = getattr(model, "module", model)  # DistributedDataParallel wraps the model
     inputs = {k: batch[k] for k in _MODEL_INPUT_KEYS if k in batch}
     context: contextlib.AbstractContextManager = contextlib.nullcontext()
@@ -189,7 +193,8 @@ def _forward_inputs(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[d
         context = varlen_attention(model)
     if _accepts(base, "use_cache"):
         inputs["use_cache"] = False  # no KV cache to build and throw away
-    return inputs, context
+    with context, _attention_backends(batch["input_ids"].device):
+        yield inputs
 
 
 def completion_hidden(model: torch.nn.Module, batch: Mapping[str, Any], keep: torch.Tensor) -> torch.Tensor:
@@ -198,8 +203,7 @@ def completion_hidden(model: torch.nn.Module, batch: Mapping[str, Any], keep: to
     Runs the model's body (``model.base_model``) without its head; `linear_cross_entropy`
     then applies the head. Only for models `_plain_head` accepts.
     """
-    inputs, context = _forward_inputs(model, batch)
-    with context, _attention_backends(batch["input_ids"].device):
+    with _model_call(model, batch) as inputs:
         hidden = model.base_model(**inputs).last_hidden_state
     return hidden[keep.to(hidden.device)]
 
@@ -215,10 +219,9 @@ def completion_logits(model: torch.nn.Module, batch: Mapping[str, Any], keep: to
     batch (``cu_seq_lens_q``) runs under `packing.varlen_attention`.
     """
     base = getattr(model, "module", model)  # DistributedDataParallel wraps the model
-    inputs, context = _forward_inputs(model, batch)
     n_keep = int(keep.sum().item())
     known = _HEAD_KEEPS_MASK.get(type(base))
-    with context, _attention_backends(batch["input_ids"].device):
+    with _model_call(model, batch) as inputs:
         if known is not False and _accepts(base, "logits_to_keep"):
             try:
                 logits = model(**inputs, logits_to_keep=keep.to(batch["input_ids"].device)).logits

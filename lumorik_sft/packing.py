@@ -59,7 +59,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lumorik_sft.encoding import IGNORE_INDEX, SFTCollator, pad_sequences
+from lumorik_sft.encoding import IGNORE_INDEX, SFTCollator, pad_sequences, round_up
 
 PACKING_MODES = ("none", "bfd", "length")
 MASK_KINDS = ("varlen", "bool", "float", "none")
@@ -303,7 +303,7 @@ class SegmentAttention(torch.autograd.Function):
         q_, k_, v_ = (F.pad(x, (0, 0, 0, SEGMENT_MULTIPLE)) for x in (q, k, v))
         with torch.autocast(q.device.type, enabled=False):
             for s, e in zip(bounds, bounds[1:], strict=False):
-                n, m = e - s, _round_up(e - s, SEGMENT_MULTIPLE)
+                n, m = e - s, round_up(e - s, SEGMENT_MULTIPLE)
                 scores = torch.baddbmm(_causal_bias(m, q), q_[:, s:s + m],
                                        k_[:, s:s + m].transpose(1, 2), alpha=scale)
                 p = torch.softmax(scores, dim=-1)  # bf16 in and out, float32 inside
@@ -339,10 +339,6 @@ rows up to 256 tokens instead of one per example length; it caches a kernel per 
 with a shape per length its cache held ~0.5 GB more here. The extra positions are later
 tokens (causally invisible to the segment's queries) and extra query rows whose
 probabilities are zeroed, so the result is exact."""
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 _BIAS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
@@ -485,10 +481,7 @@ class PackedCollator:
             pos.append(r_pos)
             labels.append(r_lab)
             segs.append(r_seg)
-        width = max(len(r) for r in ids)
-        if self.pad_to_multiple_of:
-            m = self.pad_to_multiple_of
-            width = (width + m - 1) // m * m
+        width = round_up(max(len(r) for r in ids), self.pad_to_multiple_of)
         segment_ids = pad_sequences(segs, -1, length=width)
         batch = {
             "input_ids": pad_sequences(ids, self.pad_token_id, length=width),
