@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmarks: bench_sft.py --quick (a tiny model, three contestants, ~25 s)
+"""Smoke tests of the benchmarks: bench_sft.py --quick (a tiny model, three contestants, 25-70 s)
 and bench_cuda.py's CPU dry run.
 
 They prove the scripts run end to end and write their reports; the numbers mean nothing here
@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ def test_bench_quick_smoke(tmp_path):
     pytest.importorskip("trl")
     cmd = [sys.executable, str(BENCH), "--quick", "--threads", "1", "--out", str(tmp_path),
            "--contestants", "ours_padded,ours_packed,trl_default"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # a hang guard, not a speed check
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("packed vs TRL default:") and "packed vs our padded loop:" in last
@@ -65,3 +66,25 @@ def test_bench_cuda_dry_runs_on_cpu(tmp_path):
     assert set(report["runs"]) == {"ours_padded", "ours_packed", "ours_length", "hf_trainer"}
     assert report["nll_check"]["relative_gap"] < 1e-5
     assert proc.stdout.strip().splitlines()[-1].endswith("all checks passed")
+
+
+def test_matmul_peak_stops_growing_when_one_product_is_slow(monkeypatch):
+    """On a CPU without native bf16 one 2048² bf16 product takes ~10 s: the peak measurement
+    must stop at the size where a single product already eats a tenth of its budget."""
+    sys.path.insert(0, str(BENCH.parent))
+    import bench_sft
+
+    sizes: list[int] = []
+
+    def mm(a, b, delay):
+        sizes.append(a.shape[0])
+        time.sleep(delay)
+        return a
+
+    monkeypatch.setattr(bench_sft.torch, "mm", lambda a, b: mm(a, b, 0.05))
+    assert bench_sft.matmul_peak(bench_sft.torch.float32, 1, seconds=0.3) > 0
+    assert set(sizes) == {512}
+    sizes.clear()
+    monkeypatch.setattr(bench_sft.torch, "mm", lambda a, b: mm(a, b, 0.0))
+    bench_sft.matmul_peak(bench_sft.torch.float32, 1, seconds=0.3)
+    assert sorted(set(sizes)) == [512, 1024, 1536, 2048]
