@@ -45,6 +45,10 @@ def test_bench_quick_smoke(tmp_path):
     assert over["packed_vs_trl_default"] == pytest.approx(
         sum(over["losses"]["ours_packed"]) / sum(over["losses"]["trl_default"]) - 1)
     assert "mean over training seeds 0, 1, 2" in (tmp_path / "RESULTS.md").read_text()
+    # padding and TRL's recomputation only ever add arithmetic to the packed loop's
+    ceilings = payload["summary"]["ceilings"]
+    assert 1 < ceilings["packed_vs_padded"] < ceilings["packed_vs_trl_default"]
+    assert results["trl_default"]["executed_flop_s"] > results["trl_default"]["useful_flop_s"]
     assert (tmp_path / "RESULTS.md").read_text().count("|") > 20
     assert (tmp_path / "bench_sft.png").stat().st_size > 1000
 
@@ -88,3 +92,18 @@ def test_matmul_peak_stops_growing_when_one_product_is_slow(monkeypatch):
     monkeypatch.setattr(bench_sft.torch, "mm", lambda a, b: mm(a, b, 0.0))
     bench_sft.matmul_peak(bench_sft.torch.float32, 1, seconds=0.3)
     assert sorted(set(sizes)) == [512, 1024, 1536, 2048]
+
+
+def test_executed_work_by_hand():
+    """Rows [2, 4] and [3] tokens, 5 completion targets, 10 matmul weights of which the head
+    holds 4, one layer of width 1: f(n) = 60n + 6n² per row.
+    packed = f(2)+f(4)+f(3) - 6·4·(9-5) = 618; padded = 2f(4)+f(3) - 6·4·(11-5) = 762;
+    TRL = 2f(4)+f(3) + (906 - 6·4·11)/3 = 906 + 214 = 1120."""
+    sys.path.insert(0, str(BENCH.parent))
+    import bench_sft
+
+    work = bench_sft.executed_work([2, 4, 3], 5, [[0, 1], [2]], linear=10, head=4, n_layer=1, d=1)
+    assert work == {"ours_packed": 618, "ours_padded": 762, "trl_default": 1120, "padded_tokens": 11}
+    no_ckpt = bench_sft.executed_work([2, 4, 3], 5, [[0, 1], [2]], linear=10, head=4, n_layer=1, d=1,
+                                      checkpointing=False)
+    assert no_ckpt["trl_default"] == 906
