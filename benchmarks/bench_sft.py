@@ -18,8 +18,10 @@ and the real (non-padding) tokens of the training set. Useful FLOPs, per example
 the LM head included; the second term is causal attention, QK^T and AV, forward + backward),
 against the matmul peak this script measures with 2 threads in fp32 and bf16.
 
-Writes RESULTS.md, bench_sft.json and bench_sft.png to --out (default: benchmarks/); the last
-line printed gives the two headline ratios.
+Writes RESULTS.md, bench_sft.json and bench_sft.png to --out (default: benchmarks/runs/<kind of
+machine>-<precision>/, so a CPU with native bf16 and one without each keep their figures) and
+rewrites benchmarks/RESULTS.md, the index of those runs; the last line printed gives the two
+headline ratios.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+RUNS = HERE / "runs"
 CONTESTANTS = {
     "naive": "chapter's loop (max-length padding, labels = input_ids)",
     "ours_padded": "ours, dynamic padding",
@@ -55,6 +58,7 @@ CONTESTANTS = {
     "hf_trainer": "HF Trainer + our collator",
 }
 CORRECT = [c for c in CONTESTANTS if c != "naive"]
+RERUN = ("ours_packed", "ours_padded", "trl_default")  # re-run at the extra seeds (--val-seeds)
 
 
 # --------------------------------------------------------------------------- machine
@@ -102,7 +106,14 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "trl": trl.__version__, "accelerate": accelerate.__version__,
-            "cuda": torch.cuda.is_available(), "bf16_native": cpu_supports_bf16()}
+            "cuda": torch.cuda.is_available(), "bf16_native": cpu_supports_bf16(),
+            "isa": torch.backends.cpu.get_cpu_capability()}
+
+
+def run_tag(m: dict[str, Any], threads: int, precision: str) -> str:
+    """The folder of a run's figures: one per kind of machine and precision."""
+    device = "cuda" if m["cuda"] else "cpu"
+    return f"{device}-{m['isa'].lower()}-{threads}threads-{precision}"
 
 
 # --------------------------------------------------------------------------- data and model
@@ -302,26 +313,28 @@ def executed_work(lengths: list[int], completion_tokens: int, batches: list[list
                   checkpointing: bool = True) -> dict[str, float]:
     """Nominal FLOPs of one epoch as each loop actually runs it, for compute-bound ceilings.
 
-    f(n) = 6·linear·n + 6·n_layer·d·n² for a row of n positions (forward + backward).
-    Packed: every example at its own length, the head only on the positions that predict a
-    completion token. Padded: every row of a batch at its longest example, head as packed.
-    TRL default: padded, the head on every position, and gradient checkpointing recomputes
-    the blocks' forward (2 of the body's 6 FLOPs per parameter and token again). The ratios
-    are what the speed-ups would be at equal FLOP/s; the rest of a measured ratio is speed
-    per FLOP.
+    6·linear per token and 6·n_layer·d per query-key pair (forward + backward), over the tokens
+    and pairs `packing.layout_cost` counts for each layout. Packed: every example at its own
+    length, the head only on the positions that predict a completion token. Padded: every row
+    of a batch at its longest example, head as packed. TRL default: padded, the head on every
+    position, and gradient checkpointing recomputes the blocks' forward (2 of the body's 6
+    FLOPs again). The ratios are the speed-ups at equal FLOP/s; the rest of a measured ratio
+    is speed per FLOP.
     """
-    def f(n: int) -> int:
-        return 6 * linear * n + 6 * n_layer * d * n * n
+    from lumorik_sft.packing import layout_cost
 
-    widths = [max(lengths[i] for i in b) for b in batches]
-    padded_tokens = sum(len(b) * w for b, w in zip(batches, widths, strict=True))
-    padded_all = sum(len(b) * f(w) for b, w in zip(batches, widths, strict=True))
-    packed = sum(f(n) for n in lengths) - 6 * head * (sum(lengths) - completion_tokens)
-    padded = padded_all - 6 * head * (padded_tokens - completion_tokens)
-    body = padded_all - 6 * head * padded_tokens
+    def flops(cost) -> int:
+        return 6 * linear * cost.computed_tokens + 6 * n_layer * d * cost.attention_pairs
+
+    packed_cost = layout_cost(lengths, batches, "bfd", varlen=True)
+    padded_cost = layout_cost(lengths, batches, "none")
+    packed = flops(packed_cost) - 6 * head * (packed_cost.computed_tokens - completion_tokens)
+    padded_all = flops(padded_cost)
+    padded = padded_all - 6 * head * (padded_cost.computed_tokens - completion_tokens)
+    body = padded_all - 6 * head * padded_cost.computed_tokens
     trl = padded_all + (body / 3 if checkpointing else 0)
     return {"ours_packed": packed, "ours_padded": padded, "trl_default": trl,
-            "padded_tokens": padded_tokens}
+            "padded_tokens": padded_cost.computed_tokens}
 
 
 def useful_work(spec: dict) -> dict[str, Any]:
@@ -425,26 +438,52 @@ def summarise(results: list[dict], work: dict, peaks: dict, precision: str) -> d
 
 
 def val_over_seeds(results: list[dict], reruns: list[dict], seed: int) -> dict[str, Any] | None:
-    """Mean final validation loss of ours_packed and trl_default over the main and the extra seeds."""
+    """Final validation loss and training time of the rerun contestants over all seeds.
+
+    One seed's final loss moves by several % with the data order alone, and one run's time
+    with the machine's drift: the means over seeds are the steadier comparison. Every seed
+    trains on the same tokens, so a ratio of summed times is a ratio of mean throughputs.
+    """
     rows = [dict(r, seed=seed) for r in results] + list(reruns)
     losses: dict[str, dict[int, float]] = {}
+    seconds: dict[str, dict[int, float]] = {}
     for r in rows:
-        if "error" not in r and r["name"] in ("ours_packed", "trl_default"):
+        if "error" not in r and r["name"] in RERUN:
             losses.setdefault(r["name"], {})[r["seed"]] = r["final_val_loss"]
+            seconds.setdefault(r["name"], {})[r["seed"]] = r["seconds"]
     common = sorted(set(losses.get("ours_packed", {})) & set(losses.get("trl_default", {})))
     if len(common) < 2:
         return None
-    mean = {n: sum(losses[n][s] for s in common) / len(common) for n in losses}
-    return {"seeds": common, "losses": {n: [losses[n][s] for s in common] for n in losses},
-            "mean": mean, "packed_vs_trl_default": mean["ours_packed"] / mean["trl_default"] - 1}
+    names = [n for n in RERUN if n in losses and set(common) <= set(losses[n])]
+    mean = {n: sum(losses[n][s] for s in common) / len(common) for n in names}
+    total = {n: sum(seconds[n][s] for s in common) for n in names}
+
+    def speed(a: str, b: str) -> float | None:
+        return total[b] / total[a] if a in total and b in total else None
+
+    return {"seeds": common, "losses": {n: [losses[n][s] for s in common] for n in names},
+            "seconds": {n: [seconds[n][s] for s in common] for n in names}, "mean": mean,
+            "packed_vs_trl_default": mean["ours_packed"] / mean["trl_default"] - 1,
+            "speed": {"packed_vs_trl_default": speed("ours_packed", "trl_default"),
+                      "packed_vs_padded": speed("ours_packed", "ours_padded")}}
 
 
 def _f(x, fmt: str) -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
+def _x(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
+def _dot(speed: dict[str, float | None], key: str) -> str:
+    """' · 1.23x': a ratio over all seeds after the main seed's, where there is one."""
+    return f" · {_x(speed[key])}" if speed.get(key) is not None else ""
+
+
 def write_report(out: Path, payload: dict) -> str:
     m, w, s = payload["machine"], payload["work"], payload["summary"]
+    pad_note = f" (rounded up to a multiple of {payload['pad_multiple']})" if payload["pad_multiple"] else ""
     bf16_note = "" if m.get("bf16_native", True) else " (emulated: this CPU has no native bf16 kernels)"
     lines = [
         "# SFT benchmark: our loop vs the chapter's, TRL and the HF Trainer",
@@ -495,10 +534,19 @@ def write_report(out: Path, payload: dict) -> str:
             f"{r['peak_now'] / 1e9:.0f} | {100 * r['peak_fraction_now']:.1f}% | "
             f"{r['peak_rss_mb']:.0f} | {_f(r['time_to_target'], '.1f')} | {r['final_val_loss']:.4f} |")
     rt = s["ratios"]
+    vs = s.get("val_over_seeds")
+    sp = vs.get("speed", {}) if vs else {}
+
+    def over_seeds(key: str) -> str:
+        if sp.get(key) is None:
+            return ""
+        return f"; over training seeds {', '.join(map(str, vs['seeds']))} (summed times): {sp[key]:.2f}x"
+
     lines += ["", "## Against the issue's targets", "",
-              f"- Packed vs TRL default, completion tokens/s: {_f(rt['packed_vs_trl_default'], '.2f')}x "
-              "(target >= 3x).",
-              f"- Packed vs our padded loop: {_f(rt['packed_vs_padded'], '.2f')}x (target >= 1.3x).",
+              f"- Packed vs TRL default, completion tokens/s: {_x(rt['packed_vs_trl_default'])} at seed "
+              f"{payload['seed']}{over_seeds('packed_vs_trl_default')} (target >= 3x).",
+              f"- Packed vs our padded loop: {_x(rt['packed_vs_padded'])} at seed {payload['seed']}"
+              f"{over_seeds('packed_vs_padded')} (target >= 1.3x).",
               f"- Length-grouped vs TRL default: {_f(rt['length_vs_trl_default'], '.2f')}x; vs padded: "
               f"{_f(rt['length_vs_padded'], '.2f')}x.",
               f"- Final val loss, packed vs TRL default: {_f(rt['val_packed_vs_trl_default'], '+.2%')} "
@@ -507,7 +555,7 @@ def write_report(out: Path, payload: dict) -> str:
                   f"{vs['packed_vs_trl_default']:+.2%} (ours "
                   f"{', '.join(f'{x:.4f}' for x in vs['losses']['ours_packed'])}; TRL "
                   f"{', '.join(f'{x:.4f}' for x in vs['losses']['trl_default'])})"
-                  if (vs := s.get("val_over_seeds")) else "") + " (target within 2%).",
+                  if vs else "") + " (target within 2%).",
               f"- Peak RSS, packed / TRL default: {_f(rt['rss_packed_vs_trl_default'], '.2f')} "
               "(target <= 0.6).",
               ]
@@ -530,16 +578,17 @@ def write_report(out: Path, payload: dict) -> str:
                      f"run ({CONTESTANTS[best['name']]}; target >= 40%).")
     lines += [
         "", "## Notes", "",
-        "- TRL runs with its own defaults (gradient checkpointing on, bf16 autocast on, its collator, "
+        "- TRL runs with its own defaults (gradient checkpointing on, its collator, "
         "its sampler) except for what every contestant shares: learning rate, batch size, one epoch, "
-        "seed, max length 256, no warmup, no logging or saving. It receives our token ids and "
+        "seed, max length 256, no warmup, no logging or saving, and the precision (bf16 "
+        "autocast or fp32). It receives our token ids and "
         "completion masks with `completion_only_loss=True`, which is what its default does for "
         "prompt-completion data, so all contestants learn the same tokens.",
         "- `trl_packing` is TRL's `packing=True`: best-fit decreasing into rows of max length, then "
         "padding-free (all rows of a batch in one sequence with restarted position ids).",
         "- The HF Trainer gets our encoded examples and `SFTCollator` (completion-only labels).",
         "- `ours_packed` keeps the padded loop's micro-batches and lays each out as one padding-free "
-        "row (rounded up to a multiple of 64), attention per example with `SegmentAttention` "
+        f"row{pad_note}, attention per example with `SegmentAttention` "
         "(same loss as `ours_padded`); `ours_length` groups examples of similar length "
         "(`TrainConfig(packing='length')`).",
         "- All our loops run the LM head on supervised positions only, fused with the loss "
@@ -555,6 +604,48 @@ def write_report(out: Path, payload: dict) -> str:
         "", "![throughput and validation curves](bench_sft.png)", ""]
     text = "\n".join(lines)
     (out / "RESULTS.md").write_text(text)
+    return text
+
+
+def write_index(root: Path) -> str:
+    """`root`/RESULTS.md: the headline figures of every full run under `root`/runs, one line each."""
+    lines = [
+        "# SFT benchmark runs", "",
+        "`python benchmarks/bench_sft.py` keeps one folder per kind of machine and precision under "
+        "`runs/`, with the full report (`RESULTS.md`: machine, versions, every contestant), "
+        "`bench_sft.json` and a plot, and rewrites this index from them. Targets (issue #7): "
+        "packed >= 3x TRL default and >= 1.3x our padded loop in completion tokens/s, final "
+        "validation loss within 2% of TRL's, >= 40% of the matmul peak in useful FLOP/s, peak RSS "
+        "<= 0.6x TRL's. \"Ceiling\" is the ratio of FLOPs the two loops execute (padding, TRL's "
+        "full LM head and recomputation): the speed-up at equal FLOP/s.", "",
+        "Speed ratios are given at the main seed and, after the dot, over all training seeds "
+        "(summed times, steadier on a machine whose speed drifts).", "",
+        "| run | date | machine | precision, matmul peak | packed / TRL (ceiling) | packed / padded "
+        "(ceiling) | useful FLOP/s, % of peak | RSS packed / TRL | val loss vs TRL, mean of seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted((root / "runs").glob("*/bench_sft.json")):
+        run = json.loads(path.read_text())
+        if run.get("quick"):
+            continue
+        m, s, tag = run["machine"], run["summary"], path.parent.name
+        rt, ce = s["ratios"], s.get("ceilings", {})
+        packed = next((r for r in run["results"] if r["name"] == "ours_packed" and "error" not in r), None)
+        vs = s.get("val_over_seeds")
+        speed = (vs or {}).get("speed", {})
+        lines.append(
+            f"| [{tag}](runs/{tag}/RESULTS.md) | {run['date']} | {m['cpu']}, {m['cores']} cores; torch "
+            f"{m['torch']}, transformers {m['transformers']}, trl {m['trl']} | {run['precision']}, "
+            f"{run['peaks'][run['precision']] / 1e9:.0f} GFLOP/s | "
+            f"{_x(rt['packed_vs_trl_default'])}{_dot(speed, 'packed_vs_trl_default')} "
+            f"({_x(ce.get('packed_vs_trl_default'))}) | "
+            f"{_x(rt['packed_vs_padded'])}{_dot(speed, 'packed_vs_padded')} "
+            f"({_x(ce.get('packed_vs_padded'))}) | "
+            f"{_f(packed and packed['peak_fraction'], '.1%')} | "
+            f"{_f(rt['rss_packed_vs_trl_default'], '.2f')} | "
+            f"{_f(vs['packed_vs_trl_default'] if vs else rt['val_packed_vs_trl_default'], '+.2%')} |")
+    text = "\n".join(lines) + "\n"
+    (root / "RESULTS.md").write_text(text)
     return text
 
 
@@ -587,7 +678,9 @@ def plot(out: Path, payload: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model and data: a smoke run in seconds")
-    p.add_argument("--out", default=str(HERE), help="where RESULTS.md, bench_sft.json/png go")
+    p.add_argument("--out", default=None, help="where RESULTS.md, bench_sft.json/png go "
+                   "(default: benchmarks/runs/<machine>-<precision>/, then benchmarks/RESULTS.md "
+                   "indexes every run there)")
     p.add_argument("--model", default=None, help="model folder or name (default: the embedded model)")
     p.add_argument("--contestants", default=",".join(CONTESTANTS),
                    help=f"comma-separated subset of {', '.join(CONTESTANTS)}")
@@ -602,9 +695,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="our loops round batch widths to this (default: 64 in bf16, where oneDNN "
                         "caches kernels per shape; none in fp32)")
     p.add_argument("--val-seeds", default="1,2",
-                   help="extra training seeds (data order) on which ours_packed and trl_default are "
-                        "re-run for the validation-loss comparison: one seed's final loss moves by "
-                        "several %% with the order alone (default: 1,2; '' for none)")
+                   help="extra training seeds (data order) on which ours_packed, ours_padded and "
+                        "trl_default are re-run: one seed's final loss moves by several %% with the "
+                        "order alone, one run's time with the machine (default: 1,2; '' for none)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -620,8 +713,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(names) - set(CONTESTANTS)
     if unknown:
         p.error(f"unknown contestants {sorted(unknown)}; choose from {', '.join(CONTESTANTS)}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     peaks = {"fp32": matmul_peak(torch.float32, args.threads, 0.3 if args.quick else 1.5),
              "bf16": matmul_peak(torch.bfloat16, args.threads, 0.3 if args.quick else 1.5)}
     print(f"matmul peak, {args.threads} threads: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
@@ -647,9 +738,9 @@ def main(argv: list[str] | None = None) -> int:
         work = useful_work(spec)
         results = run_all(names, spec)
         seeds = [int(x) for x in args.val_seeds.split(",") if x.strip()]
-        pair = [n for n in ("ours_packed", "trl_default") if n in names]
+        pair = [n for n in RERUN if n in names]
         reruns = []
-        for extra_seed in seeds if len(pair) == 2 else []:
+        for extra_seed in seeds if {"ours_packed", "trl_default"} <= set(pair) else []:
             print(f"validation-loss rerun, training seed {extra_seed}:", flush=True)
             seed_dir = Path(tmp) / f"seed{extra_seed}"
             seed_dir.mkdir()
@@ -662,10 +753,14 @@ def main(argv: list[str] | None = None) -> int:
                "pad_multiple": spec["pad_multiple"], "val_reruns": reruns}
     payload["summary"] = summarise(results, work, peaks, precision)
     payload["summary"]["val_over_seeds"] = val_over_seeds(results, reruns, args.seed)
+    out = Path(args.out) if args.out else RUNS / run_tag(payload["machine"], args.threads, precision)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "bench_sft.json").write_text(json.dumps(payload, indent=2))
     print(write_report(out, payload))
     if any("error" not in r for r in results):
         plot(out, payload)
+    if out.resolve().parent == RUNS.resolve():
+        write_index(HERE)
     rt = payload["summary"]["ratios"]
     print(f"packed vs TRL default: {_f(rt['packed_vs_trl_default'], '.2f')}x completion tokens/s; "
           f"packed vs our padded loop: {_f(rt['packed_vs_padded'], '.2f')}x "

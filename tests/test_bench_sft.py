@@ -2,13 +2,15 @@
 and bench_cuda.py's CPU dry run.
 
 They prove the scripts run end to end and write their reports; the numbers mean nothing here
-(the real figures are in benchmarks/RESULTS.md and benchmarks/bench_cuda.json).
+(the real figures are in benchmarks/runs/*/RESULTS.md, indexed by benchmarks/RESULTS.md, and in
+benchmarks/bench_cuda.json).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +19,13 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_sft.py"
+
+
+def _bench_module():
+    sys.path.insert(0, str(BENCH.parent))
+    import bench_sft
+
+    return bench_sft
 
 
 def test_bench_quick_smoke(tmp_path):
@@ -44,6 +53,10 @@ def test_bench_quick_smoke(tmp_path):
     assert over["seeds"] == [0, 1, 2] and len(over["losses"]["ours_packed"]) == 3
     assert over["packed_vs_trl_default"] == pytest.approx(
         sum(over["losses"]["ours_packed"]) / sum(over["losses"]["trl_default"]) - 1)
+    # ... and so are the speed ratios (the padded loop is re-run too): summed times
+    assert over["speed"]["packed_vs_padded"] == pytest.approx(
+        sum(over["seconds"]["ours_padded"]) / sum(over["seconds"]["ours_packed"]))
+    assert len(over["seconds"]["trl_default"]) == 3
     assert "mean over training seeds 0, 1, 2" in (tmp_path / "RESULTS.md").read_text()
     # padding and TRL's recomputation only ever add arithmetic to the packed loop's
     ceilings = payload["summary"]["ceilings"]
@@ -75,9 +88,7 @@ def test_bench_cuda_dry_runs_on_cpu(tmp_path):
 def test_matmul_peak_stops_growing_when_one_product_is_slow(monkeypatch):
     """On a CPU without native bf16 one 2048² bf16 product takes ~10 s: the peak measurement
     must stop at the size where a single product already eats a tenth of its budget."""
-    sys.path.insert(0, str(BENCH.parent))
-    import bench_sft
-
+    bench_sft = _bench_module()
     sizes: list[int] = []
 
     def mm(a, b, delay):
@@ -99,11 +110,36 @@ def test_executed_work_by_hand():
     holds 4, one layer of width 1: f(n) = 60n + 6n² per row.
     packed = f(2)+f(4)+f(3) - 6·4·(9-5) = 618; padded = 2f(4)+f(3) - 6·4·(11-5) = 762;
     TRL = 2f(4)+f(3) + (906 - 6·4·11)/3 = 906 + 214 = 1120."""
-    sys.path.insert(0, str(BENCH.parent))
-    import bench_sft
-
+    bench_sft = _bench_module()
     work = bench_sft.executed_work([2, 4, 3], 5, [[0, 1], [2]], linear=10, head=4, n_layer=1, d=1)
     assert work == {"ours_packed": 618, "ours_padded": 762, "trl_default": 1120, "padded_tokens": 11}
     no_ckpt = bench_sft.executed_work([2, 4, 3], 5, [[0, 1], [2]], linear=10, head=4, n_layer=1, d=1,
                                       checkpointing=False)
     assert no_ckpt["trl_default"] == 906
+
+
+def test_runs_are_kept_per_kind_of_machine():
+    bench_sft = _bench_module()
+    assert bench_sft.run_tag({"cuda": False, "isa": "AVX2"}, 2, "fp32") == "cpu-avx2-2threads-fp32"
+    assert bench_sft.run_tag({"cuda": True, "isa": "AVX512"}, 8, "bf16") == "cuda-avx512-8threads-bf16"
+
+
+def test_committed_index_is_the_one_the_committed_runs_give(tmp_path):
+    """benchmarks/RESULTS.md is generated from runs/*/bench_sft.json: regenerate it from copies
+    of the committed runs (plus a quick run, which it leaves out) and compare."""
+    bench_sft = _bench_module()
+    runs = sorted(bench_sft.RUNS.glob("*/bench_sft.json"))
+    assert runs, "no committed benchmark run"
+    for path in runs:
+        (tmp_path / "runs" / path.parent.name).mkdir(parents=True)
+        shutil.copy(path, tmp_path / "runs" / path.parent.name / "bench_sft.json")
+    quick = json.loads(runs[0].read_text()) | {"quick": True}
+    (tmp_path / "runs" / "zz-quick").mkdir()
+    (tmp_path / "runs" / "zz-quick" / "bench_sft.json").write_text(json.dumps(quick))
+    text = bench_sft.write_index(tmp_path)
+    assert text == (bench_sft.HERE / "RESULTS.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| [")]
+    assert len(rows) == len(runs) and "zz-quick" not in text
+    for path in runs:
+        ratio = json.loads(path.read_text())["summary"]["ratios"]["packed_vs_trl_default"]
+        assert f"runs/{path.parent.name}/RESULTS.md" in text and f"{ratio:.2f}x" in text
