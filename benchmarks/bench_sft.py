@@ -89,7 +89,7 @@ def matmul_peak(dtype: torch.dtype, threads: int, seconds: float = 1.0) -> float
 
 
 def machine() -> dict[str, Any]:
-    from lumorik_sft.pretrain import cpu_supports_bf16
+    from lumorik_sft.models import cpu_supports_bf16
 
     cpu = platform.processor() or "unknown"
     try:

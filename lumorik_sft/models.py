@@ -48,6 +48,18 @@ def has_embedded_model() -> bool:
     return (EMBEDDED_MODEL_DIR / "config.json").exists()
 
 
+def cpu_supports_bf16() -> bool:
+    """Whether oneDNN has fast bf16 kernels on this CPU (AVX512-BF16 or AMX).
+
+    Without them bf16 autocast on a CPU emulates bf16 and is slower than fp32.
+    """
+    try:
+        return bool(torch.backends.mkldnn.is_available()
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """CUDA, then Apple MPS, then CPU: the fastest device this machine has, unless told otherwise."""
     if device not in (None, "auto"):

@@ -37,6 +37,7 @@ from lumorik_sft.models import (
     EMBEDDED_MODEL_DIR,
     build_model,
     count_parameters,
+    cpu_supports_bf16,
     resolve_device,
     train_bpe_tokenizer,
 )
@@ -162,18 +163,6 @@ class PretrainConfig:
 
 
 # ---------------------------------------------------------------- precision
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether oneDNN has fast bf16 kernels on this CPU (AVX512-BF16 or AMX).
-
-    Without them bf16 autocast on a CPU emulates bf16 and is slower than fp32.
-    """
-    try:
-        return bool(torch.backends.mkldnn.is_available()
-                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def resolve_pretrain_precision(precision: str, device: torch.device) -> str:

@@ -335,6 +335,23 @@ def test_precision_auto_is_fp32_on_cpu_and_bf16_autocast_runs(toy_tokenizer, tra
     assert bf16.steps[0]["loss"] != pytest.approx(auto.steps[0]["loss"], abs=1e-7)
 
 
+def test_bf16_on_a_cpu_that_only_emulates_it_warns(monkeypatch):
+    """Asked for bf16 on a CPU without AVX512-BF16/AMX (an AVX2 laptop), oneDNN emulates it at
+    ~2 GFLOP/s: say so instead of training 50x slower in silence. Native bf16 and 'auto' (fp32
+    on a CPU) stay quiet."""
+    import lumorik_sft.training as training_module
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(training_module, "cpu_supports_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="emulated"):
+        assert training_module.resolve_precision("bf16", cpu) == "bf16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert training_module.resolve_precision("auto", cpu) == "fp32"
+        monkeypatch.setattr(training_module, "cpu_supports_bf16", lambda: True)
+        assert training_module.resolve_precision("bf16", cpu) == "bf16"
+
+
 def test_zero_token_micro_batch_gives_no_nan(toy_tokenizer, train_ex):
     model = _model(toy_tokenizer, dropout=False).eval()
     collate = SFTCollator(toy_tokenizer.pad_token_id)
