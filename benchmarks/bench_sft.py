@@ -309,7 +309,7 @@ def run_contestant(name: str, spec: dict) -> dict[str, Any]:
 
 
 def executed_work(lengths: list[int], completion_tokens: int, batches: list[list[int]], *,
-                  linear: int, head: int, n_layer: int, d: int,
+                  linear: int, head: int, n_layer: int, d: int, multiple: int = 0,
                   checkpointing: bool = True) -> dict[str, float]:
     """Nominal FLOPs of one epoch as each loop actually runs it, for compute-bound ceilings.
 
@@ -318,19 +318,24 @@ def executed_work(lengths: list[int], completion_tokens: int, batches: list[list
     length, the head only on the positions that predict a completion token. Padded: every row
     of a batch at its longest example, head as packed. TRL default: padded, the head on every
     position, and gradient checkpointing recomputes the blocks' forward (2 of the body's 6
-    FLOPs again). The ratios are the speed-ups at equal FLOP/s; the rest of a measured ratio
-    is speed per FLOP.
+    FLOPs again). Our loops round each row up to a `multiple` of tokens (pad_to_multiple_of);
+    those positions run through the linear layers too. The ratios are the speed-ups at equal
+    FLOP/s; the rest of a measured ratio is speed per FLOP.
     """
-    from lumorik_sft.packing import layout_cost
+    from lumorik_sft.encoding import round_up
+    from lumorik_sft.packing import LayoutCost, layout_cost
 
-    def flops(cost) -> int:
-        return 6 * linear * cost.computed_tokens + 6 * n_layer * d * cost.attention_pairs
+    def flops(cost: LayoutCost, tokens: int) -> int:
+        return 6 * linear * tokens + 6 * n_layer * d * cost.attention_pairs
 
+    widths = [max(lengths[i] for i in b) for b in batches]
     packed_cost = layout_cost(lengths, batches, "bfd", varlen=True)
     padded_cost = layout_cost(lengths, batches, "none")
-    packed = flops(packed_cost) - 6 * head * (packed_cost.computed_tokens - completion_tokens)
-    padded_all = flops(padded_cost)
-    padded = padded_all - 6 * head * (padded_cost.computed_tokens - completion_tokens)
+    packed_rows = sum(round_up(sum(lengths[i] for i in b), multiple or 1) for b in batches)
+    padded_rows = sum(len(b) * round_up(w, multiple or 1) for b, w in zip(batches, widths, strict=True))
+    packed = flops(packed_cost, packed_rows) - 6 * head * (packed_rows - completion_tokens)
+    padded = flops(padded_cost, padded_rows) - 6 * head * (padded_rows - completion_tokens)
+    padded_all = flops(padded_cost, padded_cost.computed_tokens)  # TRL: no rounding
     body = padded_all - 6 * head * padded_cost.computed_tokens
     trl = padded_all + (body / 3 if checkpointing else 0)
     return {"ours_packed": packed, "ours_padded": padded, "trl_default": trl,
@@ -364,8 +369,9 @@ def useful_work(spec: dict) -> dict[str, Any]:
     batches = plan_micro_batches(epoch_order(len(lengths), spec["seed"], 1), lengths,
                                  spec["batch_size"])
     executed = executed_work(lengths, report.completion_tokens, batches, linear=linear, head=head,
-                             n_layer=n_layer, d=d)
-    return {"executed": executed,"examples": len(train_ex), "completion_tokens": report.completion_tokens,
+                             n_layer=n_layer, d=d, multiple=spec["pad_multiple"])
+    return {"executed": executed, "examples": len(train_ex),
+            "completion_tokens": report.completion_tokens,
             "head_flops_skipped_by_ours": head_skipped,
             "real_tokens": sum(lengths), "useful_flops": flops, "matmul_params": linear,
             "parameters": count_parameters(model), "n_layer": n_layer, "d_model": d,

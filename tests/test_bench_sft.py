@@ -116,6 +116,12 @@ def test_executed_work_by_hand():
     no_ckpt = bench_sft.executed_work([2, 4, 3], 5, [[0, 1], [2]], linear=10, head=4, n_layer=1, d=1,
                                       checkpointing=False)
     assert no_ckpt["trl_default"] == 906
+    # Rows rounded up to 4 tokens: packed rows of 6 -> 8 and 3 -> 4 (+3 tokens), padded widths
+    # 4 and 3 -> 4 (+1 token); each extra token costs 6·(10 - 4) = 36 (body only, no head).
+    rounded = bench_sft.executed_work([2, 4, 3], 5, [[0, 1], [2]], linear=10, head=4, n_layer=1, d=1,
+                                      multiple=4)
+    assert (rounded["ours_packed"], rounded["ours_padded"]) == (618 + 3 * 36, 762 + 36)
+    assert rounded["trl_default"] == 1120
 
 
 def test_runs_are_kept_per_kind_of_machine():
