@@ -27,7 +27,7 @@ import re
 import tempfile
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +58,8 @@ JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson", ".json")
 CSV_SUFFIXES = (".csv",)
 DROP_REASONS = ("empty_prompt", "empty_completion", "duplicate", "too_long")
 _BOM = b"\xef\xbb\xbf"
+# What JSON and CSV treat as blank; str.strip() would also eat U+001C-U+001F and U+3000.
+_JSON_SPACE = " \t\r\n"
 
 
 class DataError(ValueError):
@@ -178,22 +180,40 @@ def _to_record(
     obj: Any, prompt_field: str, completion_field: str, messages_field: str | None
 ) -> dict[str, Any]:
     """Validate one parsed row and return ``{"prompt", "completion"}``; raise _RowError if bad."""
-    if not isinstance(obj, dict):
-        raise _RowError("not_object", f"expected a JSON object, got {type(obj).__name__}")
+    _require_object(obj)
     if messages_field is not None and messages_field in obj:
         try:
             prompt, completion = messages_to_prompt_completion(obj[messages_field])
         except ValueError as err:
             raise _RowError("malformed_messages", str(err)) from None
-        return {"prompt": prompt, "completion": completion}
-    record = {}
-    for key, name in (("prompt", prompt_field), ("completion", completion_field)):
-        if name not in obj:
-            raise _RowError("missing_field", f"missing field '{name}'")
-        if not isinstance(obj[name], str):
-            got = type(obj[name]).__name__
-            raise _RowError("wrong_type", f"field '{name}' must be a string, got {got}")
-        record[key] = obj[name]
+        return _check_unicode({"prompt": prompt, "completion": completion},
+                              {"prompt": messages_field, "completion": messages_field})
+    names = {"prompt": prompt_field, "completion": completion_field}
+    return _check_unicode({key: _string_field(obj, name) for key, name in names.items()}, names)
+
+
+def _require_object(obj: Any) -> None:
+    if not isinstance(obj, dict):
+        raise _RowError("not_object", f"expected a JSON object, got {type(obj).__name__}")
+
+
+def _string_field(obj: dict[str, Any], name: str) -> str:
+    if name not in obj:
+        raise _RowError("missing_field", f"missing field '{name}'")
+    if not isinstance(obj[name], str):
+        raise _RowError("wrong_type", f"field '{name}' must be a string, got {type(obj[name]).__name__}")
+    return obj[name]
+
+
+def _check_unicode(record: dict[str, str], names: dict[str, str]) -> dict[str, str]:
+    """Reject text that cannot be written back as UTF-8: JSON's escapes allow a lone surrogate."""
+    for key, text in record.items():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise _RowError("invalid_unicode", f"field '{names.get(key, key)}' holds a lone "
+                            f"surrogate U+{ord(text[err.start]):04X} at character {err.start + 1}, "
+                            "which UTF-8 cannot encode") from None
     return record
 
 
@@ -239,28 +259,49 @@ class _Collector:
         self.result.rejects.append(reject)
 
 
-def _read_jsonl(path: str, data: bytes, fields: tuple, out: _Collector) -> None:
+def _jsonl_rows(data: bytes) -> Iterator[tuple[int, str, Any]]:
+    """(line number, text, parsed object or the _RowError that stopped it) per non-blank line."""
     for lineno, raw in enumerate(_physical_lines(data), start=1):
         text, utf8_error = _decode_line(raw.rstrip(b"\r\n"))
-        if not text.strip():
+        if not text.strip(_JSON_SPACE):
             continue  # blank lines are layout, not data: not counted as read
         if utf8_error is not None:
-            out.reject(lineno, utf8_error, text)
+            yield lineno, text, utf8_error
             continue
         try:
-            obj = json.loads(text)
+            yield lineno, text, json.loads(text)
         except json.JSONDecodeError as err:
-            reason = f"invalid JSON: {err.msg} (column {err.colno})"
-            out.reject(lineno, _RowError("invalid_json", reason), text)
-            continue
+            yield lineno, text, _RowError("invalid_json", f"invalid JSON: {err.msg} (column {err.colno})")
+
+
+def _read_jsonl(path: str, data: bytes, fields: tuple, out: _Collector) -> None:
+    for lineno, text, obj in _jsonl_rows(data):
         try:
+            if isinstance(obj, _RowError):
+                raise obj
             out.add(lineno, _to_record(obj, *fields))
         except _RowError as err:
             out.reject(lineno, err, text)
 
 
+def read_prompts(path: str | os.PathLike, *, prompt_field: str = "prompt") -> list[str]:
+    """The prompts of a JSONL file (other fields ignored); a bad line raises DataError with its line."""
+    name = os.fspath(path)
+    prompts = []
+    for lineno, _, obj in _jsonl_rows(Path(name).read_bytes()):
+        try:
+            if isinstance(obj, _RowError):
+                raise obj
+            _require_object(obj)
+            names = {"prompt": prompt_field}
+            prompts.append(_check_unicode({"prompt": _string_field(obj, prompt_field)}, names)["prompt"])
+        except _RowError as err:
+            raise DataError(name, lineno, err.reason, err.code) from None
+    return prompts
+
+
 def _is_blank_row(row: list[str]) -> bool:
-    return not row or (len(row) == 1 and not row[0].strip())
+    return not row or (len(row) == 1 and not row[0].strip(_JSON_SPACE))
 
 
 def _read_csv(path: str, data: bytes, fields: tuple, out: _Collector) -> None:
@@ -303,11 +344,19 @@ def _read_csv(path: str, data: bytes, fields: tuple, out: _Collector) -> None:
             out.reject(bad[0][0], bad[0][1], raw_row)
         elif len(row) != len(header):
             reason = f"expected {len(header)} columns, got {len(row)}"
+            if raw_row.count('"') % 2:
+                reason += f'; a quote (") opened here is never closed, so the row runs to line {end}'
             out.reject(start, _RowError("wrong_columns", reason), raw_row)
         else:
             # CSV cells are always strings; a chat 'messages' column is not supported in CSV.
             row_dict = dict(zip(header, row, strict=True))  # lengths checked above
-            out.add(start, _to_record(row_dict, prompt_field, completion_field, None))
+            try:
+                out.add(start, _to_record(row_dict, prompt_field, completion_field, None))
+            except _RowError as err:
+                out.reject(start, err, raw_row)
+    if header is None:
+        raise DataError(path, None, "no CSV header: the file has no rows; the first line must "
+                        f"name the columns '{prompt_field}' and '{completion_field}'", "missing_column")
 
 
 def _check_header(path: str, line: int, header: list[str], required: Sequence[str]) -> list[str]:

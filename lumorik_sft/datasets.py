@@ -19,6 +19,7 @@ This module deliberately does not import the Hugging Face ``datasets`` library (
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import unicodedata
@@ -340,8 +341,22 @@ def _attribute_key(attrs: dict[str, Any]) -> tuple:
             attrs["tone"], attrs["length"])
 
 
+def distinct_products() -> int:
+    """How many different product prompts exist: more cannot be drawn without repeats."""
+    per_look = len(_COLOURS) * len(TONES) * len(LENGTHS)
+    return per_look * sum(len(materials) * sum(math.comb(len(features), k) for k in (1, 2, 3))
+                          for _, materials, features in _CATEGORIES.values())
+
+
+def _check_size(name: str, n: int, available: int) -> None:
+    """Fail at once where drawing until n distinct records would never end."""
+    if n > available:
+        raise ValueError(f"{name} has {available:,} distinct records; asked for n={n:,}")
+
+
 def _unique_attributes(n: int, rng: random.Random) -> list[dict[str, Any]]:
     """n product attribute sets with pairwise different prompts (feature order does not count)."""
+    _check_size("product_descriptions", n, distinct_products())
     seen, out = set(), []
     while len(out) < n:
         attrs = sample_product_attributes(rng)
@@ -651,6 +666,8 @@ def case_summaries(n: int = 200, seed: int = 0) -> list[Record]:
     The summary is determined by the case: who sued whom, for what and for how much, and the
     outcome; a second sentence gives the key fact.
     """
+    _check_size("case_summaries", n, len(_PLAINTIFFS) * len(_DEFENDANTS) * len(_CLAIMS) * 2
+                * len(_AMOUNTS) * len(_OUTCOMES))
     rng = random.Random(seed)
     seen: set[tuple] = set()
     records: list[Record] = []

@@ -117,6 +117,10 @@ def _file_with_bad_line(tmp_path: Path, bad: bytes, at: int = 17) -> Path:
         (b'{"prompt": "p", "completion": 3}', "field 'completion' must be a string, got int"),
         (b'["p", "c"]', "expected a JSON object, got list"),
         (b'{"prompt": "caf\xe9", "completion": "c"}', "invalid UTF-8: byte 0xe9 at column 16"),
+        (b'{"prompt": "p", "completion": "ab\\udc80"}',
+         "field 'completion' holds a lone surrogate U+DC80 at character 3"),
+        (b"\x1c", "invalid JSON: Expecting value (column 1)"),  # str.strip() calls it blank
+        ("\u3000".encode(), "invalid JSON: Expecting value (column 1)"),
     ],
 )
 def test_error_names_file_line_and_problem(tmp_path: Path, bad: bytes, message: str) -> None:
@@ -168,6 +172,31 @@ def test_csv_invalid_utf8_and_missing_column(tmp_path: Path) -> None:
     path.write_bytes(b"question,completion\nq,c\n")
     with pytest.raises(DataError, match=r"raw\.csv:1: CSV header has no column 'prompt'"):
         read_records(path, skip_invalid=True)  # a bad header is fatal even with skip_invalid
+
+
+def test_csv_without_header_or_with_unclosed_quote(tmp_path: Path) -> None:
+    path = tmp_path / "raw.csv"
+    for empty in (b"", b"\n\r\n"):
+        path.write_bytes(empty)
+        with pytest.raises(DataError, match=r"raw\.csv: no CSV header"):
+            read_records(path, skip_invalid=True)
+    path.write_bytes(b'prompt,completion\na,b\n"c,d\ne,f\n')
+    with pytest.raises(DataError, match=r'raw\.csv:3: expected 2 columns, got 1; a quote \(\"\) '
+                                         r"opened here is never closed, so the row runs to line 4$"):
+        read_records(path)
+
+
+def test_lone_surrogate_is_rejected_and_curation_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "raw.jsonl"
+    path.write_bytes(jsonl_bytes(pc("ok", "fine"), b'{"prompt": "bad \\ud800 x", "completion": "x"}'))
+    report = run_curation(path, tmp_path / "out", skip_invalid=True)
+    assert (report.read, report.kept, report.rejected) == (2, 1, 1)
+    assert read_jsonl(tmp_path / "out" / "rejects.jsonl")[0]["code"] == "invalid_unicode"
+    chat = tmp_path / "chat.jsonl"
+    chat.write_bytes(b'{"messages": [{"role": "user", "content": "hi \\ud800"}, '
+                     b'{"role": "assistant", "content": "yo"}]}\n')
+    with pytest.raises(DataError, match=r"chat\.jsonl:1: field 'messages' holds a lone surrogate"):
+        read_records(chat)
 
 
 def test_csv_round_trip(tmp_path: Path) -> None:
@@ -282,7 +311,8 @@ _line = st.one_of(
               st.sampled_from(["", "c", "c ", "long " * 20, "d\r\n"])).map(
         lambda t: json.dumps(pc(*t)).encode()),
     st.sampled_from([b"{broken", b'{"prompt": 1, "completion": "c"}', b'{"prompt": "p"}',
-                     b'{"prompt": "\xff", "completion": "c"}', b"[]", b"", b"  "]),
+                     b'{"prompt": "\xff", "completion": "c"}', b"[]", b"", b"  ",
+                     b'{"prompt": "a\\ud800", "completion": "c"}', b"\x1c", "\u3000".encode()]),
 )
 
 
@@ -294,7 +324,7 @@ def test_invariant_on_random_messy_files(lines: list[bytes], seed: int) -> None:
         path.write_bytes(b"\r\n".join(lines))
         report = run_curation(path, Path(tmp) / "out", skip_invalid=True, seed=seed,
                               max_tokens=15, length_fn=words, val_fraction=0.3)
-        n_data = sum(1 for line in lines if line.strip())
+        n_data = sum(1 for line in lines if line.strip(b" \t\r\n"))  # JSON's blanks only
         assert report.read == n_data == report.kept + sum(report.dropped.values()) + report.rejected
         assert report.rejected == len(read_jsonl(Path(tmp) / "out" / "rejects.jsonl"))
         assert report.train + report.val == report.kept

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections import Counter
@@ -15,6 +16,7 @@ from lumorik_sft.datasets import (
     NOISE_COUNTS,
     SYNTHETIC_NOTICE,
     case_summaries,
+    distinct_products,
     health_qa,
     load_course_dataset,
     noisy_product_descriptions_jsonl,
@@ -175,3 +177,21 @@ def test_registry_and_notice() -> None:
     assert "SYNTHETIC" in SYNTHETIC_NOTICE and "not medical advice" in SYNTHETIC_NOTICE
     with pytest.raises(ValueError, match="unknown course dataset"):
         load_course_dataset("nope")
+
+
+def test_asking_for_more_records_than_exist_fails_at_once() -> None:
+    from lumorik_sft.datasets import _CATEGORIES, _COLOURS, LENGTHS, TONES
+
+    every_prompt = {render_product_prompt({
+        "category": cat, "material": mat, "colour": col, "features": list(feats), "tone": tone,
+        "length": length})
+        for cat, (_, materials, features) in _CATEGORIES.items()
+        for mat, col, tone, length in itertools.product(materials, _COLOURS, TONES, LENGTHS)
+        for k in (1, 2, 3) for feats in itertools.combinations(sorted(features), k)}
+    assert distinct_products() == len(every_prompt)
+    with pytest.raises(ValueError, match=f"product_descriptions has {len(every_prompt):,} distinct"):
+        product_descriptions(len(every_prompt) + 1)
+    cases = case_summaries(8 * 8 * 6 * 2 * 6 * 4)  # every case there is, each once
+    assert len({c["prompt"] for c in cases}) == len(cases) == 18_432
+    with pytest.raises(ValueError, match="case_summaries has 18,432 distinct records; asked for"):
+        case_summaries(18_433)
