@@ -19,6 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 # Commands whose arguments live beside their library code: (name, module, help).
 HOOKED_COMMANDS = [
@@ -58,21 +59,32 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encode_file(path: str, what: str, tokenizer: Any, max_length: int) -> list[dict]:
+    """Read (DataError names file:line:field), encode, and say what encoding cut or dropped."""
+    from lumorik_sft import data, encoding
+
+    examples, report = encoding.encode_records(data.read_records(path).records, tokenizer,
+                                               max_length=max_length)
+    print(f"{path}: {report.summary(f'{what} examples')}")
+    if report.completion_cut:
+        print(f"lumorik-sft: warning: {report.completion_cut} {what} example(s) lost the end of "
+              f"their completion and its EOS to max length {max_length}: the model does not learn "
+              "to stop on them; raise --max-length or shorten the prompts", file=sys.stderr)
+    return examples
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lumorik_sft import data, encoding, training
+    from lumorik_sft import encoding, training
     from lumorik_sft.models import embedded_model_path, load_model_and_tokenizer
     from lumorik_sft.pipeline import recommended_learning_rate
 
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
-    train_ex, rep = encoding.encode_records(data.read_jsonl(args.train), tokenizer,
-                                            max_length=args.max_length)
-    val_ex = None
-    if args.val:
-        val_ex, _ = encoding.encode_records(data.read_jsonl(args.val), tokenizer,
-                                            max_length=args.max_length)
+    max_length = encoding.fit_max_length(model, args.max_length)
+    train_ex = _encode_file(args.train, "training", tokenizer, max_length)
+    val_ex = _encode_file(args.val, "validation", tokenizer, max_length) if args.val else None
     source = args.model or str(embedded_model_path())
     lr = args.lr if args.lr is not None else recommended_learning_rate(source, model)
-    print(f"encoded {rep.encoded} training examples ({rep.completion_tokens} supervised tokens); lr {lr:g}")
+    print(f"max length {max_length} tokens; lr {lr:g}")
     config = training.TrainConfig(
         learning_rate=lr, batch_size=args.batch_size, grad_accum_steps=args.grad_accum,
         epochs=args.epochs, warmup_ratio=args.warmup_ratio, seed=args.seed, device=args.device,
@@ -90,8 +102,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from lumorik_sft.models import load_model_and_tokenizer
     from lumorik_sft.pipeline import evaluate_model
 
+    records = data.read_records(args.data).records
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
-    report = evaluate_model(model, tokenizer, data.read_jsonl(args.data), max_length=args.max_length,
+    report = evaluate_model(model, tokenizer, records, max_length=args.max_length,
                             n_generate=args.n_generate, max_new_tokens=args.max_new_tokens)
     out = {k: v for k, v in report.to_dict().items() if k not in ("predictions", "references", "prompts")}
     print(json.dumps(out, indent=2))
@@ -101,13 +114,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from lumorik_sft import data
     from lumorik_sft.generation import generate_completions
     from lumorik_sft.models import load_model_and_tokenizer
 
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        prompts += [json.loads(line)["prompt"] for line in Path(args.prompt_file).read_text().splitlines()
-                    if line.strip()]
+        prompts += data.read_prompts(args.prompt_file)
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompt-file")
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
@@ -175,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--epochs", type=int, default=3, help="epochs (default: 3)")
     p.add_argument("--warmup-ratio", type=float, default=0.0, help="share of steps spent warming up")
-    p.add_argument("--max-length", type=int, default=256, help="tokens per example (default: 256)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per example (default: 256, or the model's context if shorter)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default)")
@@ -196,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="JSONL with prompt and completion")
     p.add_argument("--n-generate", type=int, default=100, help="pairs to generate for BLEU/ROUGE")
     p.add_argument("--max-new-tokens", type=int, default=96, help="generation length cap")
-    p.add_argument("--max-length", type=int, default=256, help="tokens per example (default: 256)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per example (default: 256, or the model's context if shorter)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default)")
     p.add_argument("--out", default=None, help="write the full report (with predictions) as JSON")
     p.set_defaults(func=_cmd_eval)

@@ -83,6 +83,20 @@ class DataParallel:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         return t.tolist()
 
+    def any(self, flag: bool) -> bool:
+        """True on every process when any process's flag is true, so all take the same branch."""
+        if not self.active:
+            return flag
+        return self.sum([float(flag)])[0] > 0
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's picklable `obj`, in rank order (a one-item list with one process)."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.active:
             torch.distributed.barrier()

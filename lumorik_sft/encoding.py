@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lumorik_sft.models import prepare_tokenizer
+from lumorik_sft.models import context_length, prepare_tokenizer
 
 IGNORE_INDEX = -100
 DEFAULT_SEPARATOR = "\n"
@@ -123,6 +123,7 @@ class EncodeReport:
     read: int = 0
     encoded: int = 0
     truncated: int = 0
+    completion_cut: int = 0  # truncated into the completion: its end and EOS are gone
     dropped: Counter = field(default_factory=Counter)
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -130,9 +131,32 @@ class EncodeReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "read": self.read, "encoded": self.encoded, "truncated": self.truncated,
-            "dropped": dict(self.dropped), "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
+            "completion_cut": self.completion_cut, "dropped": dict(self.dropped),
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
         }
+
+    def summary(self, what: str = "examples") -> str:
+        """One line for logs: what was kept, cut and dropped."""
+        dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.dropped.items())) or "none"
+        return (f"encoded {self.encoded} of {self.read} {what} ({self.prompt_tokens} prompt tokens, "
+                f"masked; {self.completion_tokens} completion tokens, supervised); "
+                f"{self.truncated} truncated, {self.completion_cut} of them into the completion "
+                f"(EOS lost); dropped: {dropped}")
+
+
+def fit_max_length(model: Any, requested: int | None = None) -> int:
+    """Tokens per example: `requested`, else 256 capped by the model's context.
+
+    A request beyond the context is an error here rather than an index error deep in the
+    forward pass: the model has no position embedding past its context.
+    """
+    limit = context_length(model)
+    if requested is None:
+        return min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
+    if limit is not None and requested > limit:
+        raise ValueError(f"max length {requested} is longer than the model's context of {limit} "
+                         f"tokens; use {limit} or less")
+    return requested
 
 
 def encode_records(
@@ -149,7 +173,8 @@ def encode_records(
     examples: list[dict[str, list[int]]] = []
     for record in records:
         report.read += 1
-        full = pair_length(tokenizer, record[prompt_field], record[completion_field], separator)
+        full_completion = len(completion_ids(tokenizer, record[completion_field]))
+        full = len(prompt_ids(tokenizer, record[prompt_field], separator)) + full_completion
         ex = encode_example(
             tokenizer, record[prompt_field], record[completion_field],
             max_length=max_length, separator=separator,
@@ -159,6 +184,7 @@ def encode_records(
             continue
         report.truncated += int(full > len(ex["input_ids"]))
         n_completion = sum(label != IGNORE_INDEX for label in ex["labels"])
+        report.completion_cut += int(n_completion < full_completion)
         report.completion_tokens += n_completion
         report.prompt_tokens += len(ex["input_ids"]) - n_completion
         report.encoded += 1

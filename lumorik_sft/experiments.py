@@ -395,11 +395,7 @@ def score_candidates(
     given the prompt, EOS included), bleu (0-100) and rougeL (0-1) against the reference.
     ``max_length`` defaults to the smaller of the model's context and 256 tokens.
     """
-    from lumorik_sft.generation import context_length
-
-    if max_length is None:
-        max_length = min(context_length(model) or encoding.DEFAULT_MAX_LENGTH,
-                         encoding.DEFAULT_MAX_LENGTH)
+    max_length = encoding.fit_max_length(model, max_length)
     collate = encoding.SFTCollator(tokenizer.pad_token_id)
     rows = []
     for name, text in candidates.items():

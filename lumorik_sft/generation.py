@@ -14,14 +14,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from lumorik_sft.encoding import DEFAULT_SEPARATOR, encode_prompts_for_generation
-from lumorik_sft.models import prepare_tokenizer
+from lumorik_sft.models import context_length, prepare_tokenizer
+
+__all__ = ["context_length", "generate_completions"]
 from lumorik_sft.progress import progress_quiet
-
-
-def context_length(model: PreTrainedModel) -> int | None:
-    """The longest sequence the model's position embeddings allow (None if unbounded)."""
-    cfg = model.config
-    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
 
 
 def _cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:

@@ -60,6 +60,12 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+def context_length(model: PreTrainedModel) -> int | None:
+    """The longest sequence the model's position embeddings allow (None if unbounded)."""
+    cfg = model.config
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """CUDA, then Apple MPS, then CPU: the fastest device this machine has, unless told otherwise."""
     if device not in (None, "auto"):

@@ -70,13 +70,17 @@ def evaluate_model(
     tokenizer: PreTrainedTokenizerBase,
     records: list[dict[str, str]],
     *,
-    max_length: int = encoding.DEFAULT_MAX_LENGTH,
+    max_length: int | None = None,
     batch_size: int = 16,
     n_generate: int | None = None,
     max_new_tokens: int = 96,
     progress: bool = False,
 ) -> EvalReport:
-    """Token-weighted loss and perplexity on all records; BLEU/ROUGE on the first `n_generate`."""
+    """Token-weighted loss and perplexity on all records; BLEU/ROUGE on the first `n_generate`.
+
+    ``max_length`` defaults to 256 tokens or the model's context, whichever is shorter.
+    """
+    max_length = encoding.fit_max_length(model, max_length)
     examples, _ = encoding.encode_records(records, tokenizer, max_length=max_length)
     collate = encoding.SFTCollator(tokenizer.pad_token_id)
     batches = (collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size))

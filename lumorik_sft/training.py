@@ -46,7 +46,13 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 from lumorik_sft.distributed import DataParallel, setup_data_parallel
 from lumorik_sft.encoding import IGNORE_INDEX, SFTCollator
 from lumorik_sft.metrics import completion_nll, evaluate_loss
-from lumorik_sft.models import cpu_supports_bf16, fused_activations, prepare_tokenizer, resolve_device
+from lumorik_sft.models import (
+    context_length,
+    cpu_supports_bf16,
+    fused_activations,
+    prepare_tokenizer,
+    resolve_device,
+)
 from lumorik_sft.packing import (
     PACKING_MODES,
     PackedCollator,
@@ -68,6 +74,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 _RESUME_MUST_MATCH = (
     "learning_rate", "batch_size", "grad_accum_steps", "epochs", "warmup_ratio",
     "warmup_steps", "weight_decay", "max_grad_norm", "seed", "shuffle", "max_steps", "packing",
+    "fused_activations",
 )
 
 Batch = dict[str, torch.Tensor]
@@ -611,7 +618,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def _checkpoint_payload(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
     progress: _Progress, result: TrainResult, config: TrainConfig, fingerprint: str,
-    device: torch.device,
+    rng_per_rank: list[dict[str, Any]],
 ) -> dict[str, Any]:
     return {
         "format": CHECKPOINT_FORMAT,
@@ -622,7 +629,9 @@ def _checkpoint_payload(
         "result": result.to_dict(),
         "config": config.to_dict(),
         "data_fingerprint": fingerprint,
-        "rng": _rng_state(device),
+        "rng": rng_per_rank[0],
+        # Each process draws its own dropout masks, so each resumes its own RNG streams.
+        "rng_per_rank": rng_per_rank,
     }
 
 
@@ -637,8 +646,17 @@ def _resume_path(resume: bool | str | Path, config: TrainConfig) -> Path | None:
     return Path(resume)
 
 
-def _check_resumable(ckpt: Mapping[str, Any], config: TrainConfig, fingerprint: str) -> None:
+def _check_resumable(
+    ckpt: Mapping[str, Any], config: TrainConfig, fingerprint: str, precision: str
+) -> None:
     """Refuse to 'continue' a run whose arithmetic would differ from the one saved."""
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"cannot resume: checkpoint format {ckpt.get('format')!r}, this version of "
+                         f"lumorik_sft reads format {CHECKPOINT_FORMAT}; start a new run")
+    saved_precision = ckpt["result"].get("precision", precision)
+    if saved_precision != precision:
+        raise ValueError(f"cannot resume: the run trained in {saved_precision} and would go on in "
+                         f"{precision}; pass precision={saved_precision!r}")
     saved = ckpt["config"]
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     changed = [k for k in _RESUME_MUST_MATCH if saved.get(k, defaults[k]) != getattr(config, k)]
@@ -675,6 +693,7 @@ class _Run:
     callback: Callback | None
     started: float = field(default_factory=time.perf_counter)
     parallel: DataParallel = field(default_factory=DataParallel)
+    stop_agreed: bool = False  # some process received SIGINT/SIGTERM: all of them stop
     forward_model: torch.nn.Module | None = None  # the DDP wrapper with several processes
     lengths: list[int] = field(default_factory=list)
 
@@ -689,18 +708,29 @@ class _Run:
             return None
         return Path(self.config.output_dir) / CHECKPOINT_NAME
 
+    def stopping(self, stop: StopSignals) -> bool:
+        """True once any process got a stop signal; a collective, so every rank asks at once.
+
+        A signal can reach one rank a step before another; if only that rank stopped, the
+        others would wait forever in the next step's all-reduce and nobody would checkpoint.
+        """
+        self.stop_agreed = self.parallel.any(self.stop_agreed or stop.received is not None)
+        return self.stop_agreed
+
     def save(self) -> Path | None:
+        """Rank 0 writes the checkpoint; every rank returns only once it is on disk."""
         path = self.checkpoint_path()
-        if path is not None and not self.parallel.is_main:
-            self.result.checkpoint_path = str(path)  # rank 0 writes it
-            return path
-        if path is not None:
-            self.progress.elapsed = self.elapsed()
-            self.started = time.perf_counter()
+        if path is None:
+            return None
+        rng_per_rank = self.parallel.gather(_rng_state(self.device))
+        self.progress.elapsed = self.elapsed()
+        self.started = time.perf_counter()
+        if self.parallel.is_main:
             save_checkpoint(path, _checkpoint_payload(
                 self.model, self.optimizer, self.scheduler, self.progress, self.result,
-                self.config, self.fingerprint, self.device))
-            self.result.checkpoint_path = str(path)
+                self.config, self.fingerprint, rng_per_rank))
+        self.parallel.barrier()  # a rank that exits first must not end the job mid-write
+        self.result.checkpoint_path = str(path)
         return path
 
     def notify(self, event: str, record: Mapping[str, Any]) -> None:
@@ -816,7 +846,7 @@ def _run_epoch(run: _Run, stop: StopSignals, bar: Any) -> bool:
                 _log(run, f"step {record['step']}/{run.total_steps}  loss {record['loss']:.4f}"
                           f"  lr {record['lr']:.2e}  grad_norm {record['grad_norm']:.3f}")
             run.notify("step", record)
-        if stop.received is not None:
+        if run.stopping(stop):
             return True
         tick = time.perf_counter()
     return prog.global_step >= run.total_steps
@@ -828,14 +858,14 @@ def _train_loop(run: _Run, stop: StopSignals) -> None:
     try:
         while prog.epoch <= cfg.epochs and not prog.finished:
             stopped = _run_epoch(run, stop, bar)
-            if stop.received is not None:
+            if run.stopping(stop):
                 return
             # The epoch is complete, or max_steps ended the run inside it: either way evaluate.
             _finish_epoch(run, prog.epoch)
             prog.finished = stopped or prog.epoch == cfg.epochs
             prog.next_epoch()
             run.save()
-            if stop.received is not None:
+            if run.stopping(stop):
                 return
         prog.finished = True
     finally:
@@ -847,12 +877,15 @@ def _interrupt(run: _Run, stop: StopSignals) -> None:
     run.result.interrupted = True
     path = run.save()
     step = run.progress.global_step
+    if not run.parallel.is_main:
+        return
+    by = stop.name or "a signal to another process"
     if path is None:
-        print(f"Stopped by {stop.name} after step {step}; no checkpoint (config.output_dir is "
+        print(f"Stopped by {by} after step {step}; no checkpoint (config.output_dir is "
               "None): the model in memory holds the weights so far.")
     else:
         _write_history(run)
-        print(f"Stopped by {stop.name} after step {step}; checkpoint saved to {path}. Resume "
+        print(f"Stopped by {by} after step {step}; checkpoint saved to {path}. Resume "
               "with train(model, tokenizer, train_examples, val_examples, config, resume=True).")
 
 
@@ -876,6 +909,17 @@ def _finalize(run: _Run, tokenizer: PreTrainedTokenizerBase) -> None:
     _write_history(run)
 
 
+def _check_context(model: torch.nn.Module, examples: Sequence[Mapping[str, Sequence[int]]],
+                   what: str) -> None:
+    """Fail before training, not with an index error in the position embedding mid-run."""
+    limit = context_length(model)
+    longest = max((len(ex["input_ids"]) for ex in examples), default=0)
+    if limit is not None and longest > limit:
+        raise ValueError(f"the longest {what} example has {longest} tokens but the model's context "
+                         f"is {limit}; encode with max_length={limit} or less "
+                         "(encoding.fit_max_length(model))")
+
+
 def _setup(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     train_examples: Sequence[Mapping[str, Sequence[int]]],
@@ -888,6 +932,8 @@ def _setup(
     missing = {"input_ids", "attention_mask", "labels"} - set(train_examples[0])
     if missing:
         raise ValueError(f"examples lack {sorted(missing)}; build them with encode_records")
+    for what, examples in (("training", train_examples), ("validation", val_examples or [])):
+        _check_context(model, examples, what)
     set_seed(config.seed)
     parallel = setup_data_parallel(config.device)
     device = parallel.device if parallel.active else resolve_device(config.device)
@@ -917,14 +963,17 @@ def _setup(
 
 def _restore(run: _Run, ckpt: Mapping[str, Any]) -> None:
     """Load weights, optimizer, schedule, position, history and RNG states from a checkpoint."""
-    _check_resumable(ckpt, run.config, run.fingerprint)
+    _check_resumable(ckpt, run.config, run.fingerprint, run.precision)
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.progress = _Progress(**ckpt["progress"])
     saved = TrainResult.from_dict(ckpt["result"])
     run.result.steps, run.result.epochs = saved.steps, saved.epochs
-    _set_rng_state(ckpt["rng"])  # last: nothing between here and the next step draws
+    per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+    # The same number of processes resumes exactly; another number goes on from rank 0's streams.
+    rng = per_rank[run.parallel.rank] if len(per_rank) == run.parallel.world_size else ckpt["rng"]
+    _set_rng_state(rng)  # last: nothing between here and the next step draws
 
 
 def train(
@@ -958,7 +1007,7 @@ def train(
         if not run.result.epochs and not run.progress.finished:
             _finish_epoch(run, 0)  # epoch 0: the base model, so curves start before training
         _train_loop(run, stop)
-        if stop.received is not None:
+        if run.stop_agreed:
             _interrupt(run, stop)
     run.result.global_step = run.progress.global_step
     run.result.skipped_steps = run.progress.skipped_steps

@@ -107,3 +107,52 @@ def test_train_eval_generate_commands_on_a_local_model(tmp_path, toy_tokenizer, 
     assert main(["generate", "--model", str(run / "final"), "--prompt", records[0]["prompt"],
                  "--max-new-tokens", "8"]) == 0
     assert "### completion" in capsys.readouterr().out
+
+
+@pytest.fixture
+def short_context_model(tmp_path, toy_tokenizer):
+    from lumorik_sft.models import build_model
+
+    path = tmp_path / "short"
+    build_model("gpt2", toy_tokenizer, n_layer=1, width=32, n_head=2, context=64).save_pretrained(path)
+    toy_tokenizer.save_pretrained(path)
+    return path
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lumorik-sft: error: "), err
+    return err[0]
+
+
+def test_train_eval_generate_name_the_file_line_and_field(tmp_path, short_context_model, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "only a prompt"}\n')
+    model = ["--model", str(short_context_model)]
+    assert main(["train", *model, "--train", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert _one_error_line(capsys).endswith(f"{bad}:2: missing field 'completion'")
+    assert main(["eval", *model, "--data", str(bad)]) == 2
+    assert _one_error_line(capsys).endswith(f"{bad}:2: missing field 'completion'")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n{"text": "no prompt here"}\n')
+    assert main(["generate", *model, "--prompt-file", str(prompts)]) == 2
+    assert _one_error_line(capsys).endswith(f"{prompts}:2: missing field 'prompt'")
+
+
+def test_max_length_fits_the_model_context_and_cuts_are_reported(tmp_path, short_context_model,
+                                                                   capsys):
+    from lumorik_sft import data
+
+    text = "the tenant sued the landlord over an unreturned deposit with interest"
+    records = [{"prompt": "the tenant sued", "completion": " ".join([text] * 12)},  # EOS lost
+               {"prompt": " ".join([text] * 12), "completion": "settled"}]  # prompt cut only
+    data.write_jsonl(tmp_path / "t.jsonl", records)
+    common = ["train", "--model", str(short_context_model), "--train", str(tmp_path / "t.jsonl"),
+              "--epochs", "1", "--precision", "fp32", "--lr", "1e-3"]
+    assert main([*common, "--out", str(tmp_path / "r1"), "--max-length", "65"]) == 2
+    assert "max length 65 is longer than the model's context of 64 tokens" in _one_error_line(capsys)
+    assert main([*common, "--out", str(tmp_path / "r2")]) == 0  # the default: 256 capped to 64
+    out, err = capsys.readouterr()
+    assert "max length 64 tokens" in out
+    assert "encoded 2 of 2 training examples" in out and "2 truncated, 1 of them into" in out
+    assert "1 training example(s) lost the end of their completion and its EOS" in err

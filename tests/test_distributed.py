@@ -133,23 +133,70 @@ if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
 """
 
 
-def test_packed_modes_on_two_processes_match_one(workdir, tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.exists():
-        pytest.skip("torchrun is not installed")
+def _run_script(script: str, *args: object, processes: int = 1, port: int = 29533) -> None:
+    """Run `script` in 1 plain process or under torchrun; fail with its output if it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
            "PYTHONWARNINGS": "ignore"}
     env.pop("WORLD_SIZE", None)
-    one = subprocess.run([sys.executable, "-c", WORKER, str(workdir), str(tmp_path / "one.json"), "8"],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533",
-                          "--no-python", sys.executable, "-c", WORKER, str(workdir),
-                          str(tmp_path / "two.json"), "4"],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    cmd = [sys.executable, "-c", script, *map(str, args)]
+    if processes > 1:
+        torchrun = Path(sys.executable).with_name("torchrun")
+        if not torchrun.exists():
+            pytest.skip("torchrun is not installed")
+        cmd = [str(torchrun), "--nproc_per_node", str(processes), "--master_port", str(port),
+               "--no-python", *cmd]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_packed_modes_on_two_processes_match_one(workdir, tmp_path):
+    _run_script(WORKER, workdir, tmp_path / "one.json", 8)
+    _run_script(WORKER, workdir, tmp_path / "two.json", 4, processes=2)
     a = json.loads((tmp_path / "one.json").read_text())
     b = json.loads((tmp_path / "two.json").read_text())
     for packing in ("bfd", "length"):
         assert len(a[packing]) == 4
         assert b[packing] == pytest.approx(a[packing], abs=1e-4), packing
+
+
+RESUME_WORKER = """
+import json, os, signal, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from lumorik_sft import data, encoding, training
+root, out, mode, result = sys.argv[1:5]
+rank = int(os.environ.get("RANK", "0"))
+tok = AutoTokenizer.from_pretrained(root + "/model")
+ex, _ = encoding.encode_records(data.read_jsonl(root + "/train.jsonl"), tok)
+# Dropout on: each process draws its own masks, so resuming must restore each one's RNG.
+model = AutoModelForCausalLM.from_pretrained(root + "/model", resid_pdrop=0.2, embd_pdrop=0.2,
+                                             attn_pdrop=0.2)
+
+def signal_rank_1(event):
+    if mode == "interrupt" and rank == 1 and event["event"] == "step" and event["step"] == 2:
+        os.kill(os.getpid(), signal.SIGINT)  # only this process is told to stop
+
+cfg = training.TrainConfig(learning_rate=3e-3, batch_size=4, epochs=2, device="cpu",
+                           precision="fp32", output_dir=out, progress=False, log_every=0)
+res = training.train(model, tok, ex, None, cfg, resume=mode == "resume", callback=signal_rank_1)
+json.dump({"losses": res.losses, "interrupted": res.interrupted, "step": res.global_step},
+          open(f"{result}.{rank}", "w"))
+"""
+
+
+def test_signal_to_one_process_stops_all_and_resumes_exactly(workdir, tmp_path):
+    def launch(out: str, mode: str) -> list[dict]:
+        _run_script(RESUME_WORKER, workdir, tmp_path / out, mode, tmp_path / f"{mode}.json",
+                    processes=2, port=29535)
+        return [json.loads((tmp_path / f"{mode}.json.{r}").read_text()) for r in (0, 1)]
+
+    full = launch("full", "full")
+    stopped = launch("cut", "interrupt")
+    # Rank 1 got the signal; both stopped at the same step, and rank 0 wrote the checkpoint.
+    assert [r["interrupted"] for r in stopped] == [True, True]
+    assert [r["step"] for r in stopped] == [2, 2]
+    assert (tmp_path / "cut" / "checkpoint.pt").exists()
+    resumed = launch("cut", "resume")
+    assert len(full[0]["losses"]) == 8
+    for rank in (0, 1):
+        assert not resumed[rank]["interrupted"]
+        assert resumed[rank]["losses"] == pytest.approx(full[rank]["losses"], abs=1e-6)

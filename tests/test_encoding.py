@@ -81,6 +81,19 @@ def test_truncation_cuts_completion_only_when_prompt_is_at_its_floor():
     assert ex["labels"] == [-100, 8, 9, 10]
 
 
+def test_report_tells_prompt_cuts_from_completion_cuts():
+    records = [{"prompt": "ab", "completion": "c"},  # 2 + 1 + EOS = 4 tokens: fits
+               {"prompt": "abcdef", "completion": "g"},  # prompt cut to 2, completion whole
+               {"prompt": "abcdef", "completion": "ghijkl"}]  # completion cut: EOS lost
+    examples, report = encode_records(records, STUB, max_length=4, separator="")
+    assert (report.encoded, report.truncated, report.completion_cut) == (3, 2, 1)
+    assert [ex["input_ids"][-1] == STUB.eos_token_id for ex in examples] == [True, True, False]
+    assert report.to_dict()["completion_cut"] == 1
+    assert report.summary() == (
+        "encoded 3 of 3 examples (5 prompt tokens, masked; 7 completion tokens, supervised); "
+        "2 truncated, 1 of them into the completion (EOS lost); dropped: none")
+
+
 def test_example_left_without_completion_is_dropped_and_counted():
     assert encode_example(STUB, "abc", "d", separator="", max_length=3, min_prompt_tokens=3) is None
     records = [{"prompt": "abc", "completion": "d"}, {"prompt": "a", "completion": "b"}]

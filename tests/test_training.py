@@ -9,6 +9,7 @@ import copy
 import json
 import math
 import os
+import re
 import signal
 import warnings
 from pathlib import Path
@@ -266,11 +267,34 @@ def test_interrupt_without_output_dir_stops_cleanly(toy_tokenizer, train_ex, cap
     assert "no checkpoint" in capsys.readouterr().out
 
 
-def test_resume_refuses_changed_settings(toy_tokenizer, train_ex, val_ex, uninterrupted):
+@pytest.mark.parametrize(("change", "message"), [
+    ({"learning_rate": 1e-3}, "learning_rate: 0.003 -> 0.001"),
+    ({"fused_activations": False}, "fused_activations: True -> False"),
+    ({"precision": "bf16"}, "trained in fp32 and would go on in bf16"),  # 'auto' was fp32 here
+])
+def test_resume_refuses_changed_settings(toy_tokenizer, train_ex, val_ex, uninterrupted, change,
+                                         message):
     _, _, out = uninterrupted
-    with pytest.raises(ValueError, match="learning_rate"):
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=re.escape(message)):
+        warnings.simplefilter("ignore")  # bf16 on a CPU without native bf16 warns first
         train(_model(toy_tokenizer), toy_tokenizer, train_ex, val_ex,
-              _config(output_dir=str(out), learning_rate=1e-3), resume=True)
+              _config(output_dir=str(out), **change), resume=True)
+
+
+def test_examples_longer_than_the_context_fail_before_training(toy_tokenizer, train_ex):
+    long = {k: v * 40 for k, v in train_ex[0].items()}  # far past the toy model's context
+    with pytest.raises(ValueError, match=r"longest validation example has \d+ tokens but the "
+                                         r"model's context is \d+; encode with max_length="):
+        train(_model(toy_tokenizer), toy_tokenizer, train_ex, [long], _config())
+
+
+def test_resume_refuses_another_checkpoint_format(toy_tokenizer, train_ex, uninterrupted, tmp_path):
+    _, _, out = uninterrupted
+    ckpt = load_checkpoint(out)
+    torch.save({**ckpt, "format": 99}, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(ValueError, match="checkpoint format 99, this version of lumorik_sft reads"):
+        train(_model(toy_tokenizer), toy_tokenizer, train_ex, config=_config(),
+              resume=tmp_path / CHECKPOINT_NAME)
 
 
 def test_signal_handlers_installed_only_while_training(toy_tokenizer, train_ex):
