@@ -225,6 +225,8 @@ def completion_logits(model: torch.nn.Module, batch: Mapping[str, Any], keep: to
         if known is not False and _accepts(base, "logits_to_keep"):
             try:
                 logits = model(**inputs, logits_to_keep=keep.to(batch["input_ids"].device)).logits
+            except torch.OutOfMemoryError:
+                raise  # a RuntimeError too, but it says nothing about the head: don't remember it
             except (IndexError, RuntimeError, TypeError):
                 if known:
                     raise

@@ -246,6 +246,21 @@ def test_completion_nll_selected_head_rows_equal_full_logits(gpt2, wrap) -> None
         assert M._HEAD_KEEPS_MASK[type(gpt2)] is True
 
 
+class _OutOfMemory(_FullLogitsOnly):
+    """Takes logits_to_keep, then runs out of memory (a RuntimeError subclass)."""
+
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=0):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+
+def test_out_of_memory_on_the_first_call_is_raised_not_remembered(gpt2) -> None:
+    model = _OutOfMemory(gpt2)
+    batch = make_batch([3, 1], [5, 9], seq_len=12, seed=5)
+    with pytest.raises(torch.OutOfMemoryError):
+        M.completion_nll(model, batch)
+    assert type(model) not in M._HEAD_KEEPS_MASK  # the next call probes the head again
+
+
 def _unfused_ce(hidden, weight, bias, targets):
     logits = F.linear(hidden, weight, bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
