@@ -16,7 +16,8 @@ Every exercise is one :class:`Exercise` in :data:`EXERCISES`, made of four pure 
 The notebook checks below and the instructor grader (:mod:`lumorik_sft.grading`) share them: the
 grader calls ``run`` in a sandboxed child process, gets the data back, and calls ``reference`` and
 ``compare`` in its own process, so nothing a student's code does can change a verdict.
-Checks print and return a bool; they never exit the interpreter.
+The ``check_*`` functions print and return nothing, so a cell shows only the feedback;
+``run_check(name, obj)`` returns the verdict as a bool. Neither ever exits the interpreter.
 """
 
 from __future__ import annotations
@@ -224,6 +225,7 @@ class Exercise:
     forbidden: tuple[str, ...] = ()  # package references the student must not call
     hint: str = ""
     wrong_variants: tuple[str, ...] = field(default=())  # documented, tested in tests/test_checks.py
+    review: str = ""  # what the automatic check cannot judge, for a person to read
 
 
 def run_case(ex: Exercise, obj: Any, case: dict[str, Any], fn_globals: dict | None = None) -> Any:
@@ -429,6 +431,8 @@ def _split_reference(case: dict[str, Any]) -> Any:
     from lumorik_sft.data import clean_text, split_records
 
     train, val = split_records(case["records"], val_fraction=case["val_fraction"], seed=case["seed"])
+    _, other_val = split_records(case["records"], val_fraction=case["val_fraction"],
+                                 seed=case["seed"] + 1)
     groups: dict[str, int] = {}
     for r in case["records"]:
         key = clean_text(r["prompt"])
@@ -438,6 +442,7 @@ def _split_reference(case: dict[str, Any]) -> Any:
         "n_val": len(val),
         "target": round(len(case["records"]) * case["val_fraction"]),
         "largest_group": max(groups.values()),
+        "seed_matters": other_val != val,  # then a split that ignores its seed is caught
     }
 
 
@@ -445,7 +450,8 @@ def _run_split(fn: Callable, case: dict[str, Any]) -> Any:
     kwargs = {"val_fraction": case["val_fraction"], "seed": case["seed"]}
     first = to_data(fn(copy.deepcopy(case["records"]), **kwargs))
     again = to_data(fn(copy.deepcopy(case["records"]), **kwargs))
-    return {"first": first, "again": again}
+    other = to_data(fn(copy.deepcopy(case["records"]), **{**kwargs, "seed": case["seed"] + 1}))
+    return {"first": first, "again": again, "other": other}
 
 
 def _split_compare(case: dict[str, Any], expected: Any, got: Any) -> str | None:
@@ -480,6 +486,9 @@ def _split_compare(case: dict[str, Any], expected: Any, got: Any) -> str | None:
         )
     if got["again"] != first:
         return "two calls with the same seed gave different splits: shuffle with random.Random(seed)"
+    if expected["seed_matters"] and got["other"] == first:
+        return ("another seed gave the same split: shuffle the groups with random.Random(seed), "
+                "so that the seed chooses which groups go to val")
     return None
 
 
@@ -1167,6 +1176,11 @@ def _q5_compare(case: dict[str, Any], expected: Any, got: Any) -> str | None:
     chosen = {x.strip().lower() for x in got}
     if not chosen:
         return "choose at least one option"
+    unknown = sorted(chosen - set(Q5_OPTIONS))
+    if unknown:
+        return f"options are the letters a to e; {', '.join(map(repr, unknown))} is not one"
+    if not any(Q5_OPTIONS[x][0] for x in chosen):
+        return "none of the options you chose is an advantage of JSONL"
     option = case["option"]
     right, why = Q5_OPTIONS[option]
     if (option in chosen) == right:
@@ -1394,6 +1408,8 @@ _EXERCISE_LIST = [
         _q2_compare,
         kind="answer",
         wrong_variants=("keyword stuffing", "off-topic"),
+        review="a keyword screen for the three ideas: it cannot tell an answer that denies them "
+               "from one that explains them, so read ANSWER_Q2",
     ),
     Exercise(
         "q3",
@@ -1445,17 +1461,18 @@ EXERCISES: dict[str, Exercise] = {ex.name: ex for ex in _EXERCISE_LIST}
 NOTEBOOKS: tuple[str, ...] = tuple(dict.fromkeys(ex.notebook for ex in _EXERCISE_LIST))
 
 
-def _make_check(name: str) -> Callable[[Any], bool]:
+def _make_check(name: str) -> Callable[[Any], None]:
     ex = EXERCISES[name]
 
     def check(obj: Any) -> None:
-        run_check(name, obj)
+        run_check(name, obj)  # no return value: a notebook cell shows the feedback, not "True"
 
     what = "your answer" if ex.kind == "answer" else f"your `{ex.symbol}`"
     check.__name__ = check.__qualname__ = f"check_{name}"
     check.__doc__ = (
         f"Check {what} ({ex.notebook}) on hidden seeded cases against the package's "
-        "reference; prints feedback, then one line saying whether all cases passed."
+        "reference; prints feedback, then one line saying whether all cases passed. "
+        f"`run_check({name!r}, obj)` does the same and returns True or False."
     )
     return check
 

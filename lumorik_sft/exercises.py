@@ -19,7 +19,7 @@ execution counts are stripped; everything else is copied unchanged. Output is de
     python -m lumorik_sft.exercises build            # write exercises/ from solutions/
     python -m lumorik_sft.exercises build --check    # exit 1 if exercises/ differ (CI)
 
-(`lumorik-sft exercises build [--check]` once the CLI registers `add_arguments`/`run_from_args`.)
+(`lumorik-sft exercises build [--check]` is the same command.)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python -m lumorik_sft.grading SUBMISSIONS --out OUT [--workers 2] [--timeout 20] [--memory-mb 4096]
 
-(`lumorik-sft grade ...` once the CLI registers `add_arguments`/`run_from_args`.) ``SUBMISSIONS`` holds
+(or `lumorik-sft grade ...`). ``SUBMISSIONS`` holds
 one folder per student with their copies of the exercise notebooks, under the same file names; a
 missing notebook scores 0 for its exercises. Writes ``OUT/gradebook.csv`` (a row per student, a column
 per exercise, a total), ``OUT/feedback/<student>.md`` and ``OUT/results.json``.
@@ -485,6 +485,8 @@ def _safe_name(name: str) -> str:
 
 
 def _feedback_markdown(student: StudentGrade, max_total: float) -> str:
+    from lumorik_sft import checks
+
     lines = [
         f"# Feedback for {student.student}",
         "",
@@ -505,6 +507,11 @@ def _feedback_markdown(student: StudentGrade, max_total: float) -> str:
             lines.append(f"### {g.name} ({g.status})")
             lines += [f"- {f}" for f in g.feedback] or ["- (no details)"]
             lines.append("")
+    reviewed = [g for g in student.exercises.values() if checks.EXERCISES[g.name].review]
+    if reviewed:
+        lines += ["## Read by hand", ""]
+        lines += [f"- {g.name}: {checks.EXERCISES[g.name].review}" for g in reviewed]
+        lines.append("")
     if student.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in student.notes]
     return "\n".join(lines).rstrip() + "\n"
@@ -532,6 +539,7 @@ def _write_outputs(
         "seed": seed_note,
         "isolation": isolation,
         "points": {n: checks.EXERCISES[n].points for n in plan.names},
+        "review": {n: checks.EXERCISES[n].review for n in plan.names if checks.EXERCISES[n].review},
         "students": [
             {
                 "student": s.student,
@@ -841,6 +849,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         statuses = ", ".join(f"{g.name}={g.status}" for g in s.exercises.values() if g.status != "passed")
         print(f"{s.student}: {s.total:g}" + (f"  ({statuses})" if statuses else ""))
     print(f"graded {len(students)} student(s) in {seconds:.1f} s; wrote {args.out}/gradebook.csv")
+    for name in args.exercise or checks.EXERCISES:
+        if checks.EXERCISES[name].review:
+            print(f"read by hand: {name}: {checks.EXERCISES[name].review}")
     return 0
 
 

@@ -7,9 +7,9 @@ GitHub; CI then runs them again in fast mode under nbval. This module is the too
     python -m lumorik_sft.notebooks --execute --fast notebooks/01_data_curation.ipynb
     python -m lumorik_sft.notebooks                      # only check the committed notebooks
 
-(`lumorik-sft notebooks ...` is the same command once the CLI registers `add_arguments` and
-`run_from_args`.) A notebook is fit to commit when `check_notebook` finds no problem: no error
-output, no unexecuted code cell, no more than 2 MB of outputs.
+(`lumorik-sft notebooks ...` is the same command.) A notebook is fit to commit when
+`check_notebook` finds no problem: no error output, no unexecuted code cell, no more than 2 MB of
+outputs.
 """
 
 from __future__ import annotations

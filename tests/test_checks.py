@@ -96,6 +96,20 @@ WRONG: dict[str, list[tuple[str, str]]] = {
             [r for i, r in enumerate(records) if i in val_idx])""",
             "same seed gave different splits",
         ),
+        (
+            """def leak_free_split(records, val_fraction=0.1, seed=0):  # ignores its seed
+    groups = {}
+    for i, r in enumerate(records):
+        groups.setdefault(data.clean_text(r["prompt"]), []).append(i)
+    target, val_idx = round(len(records) * val_fraction), set()
+    for g in groups.values():  # always the first groups: the seed changes nothing
+        if len(val_idx) >= target:
+            break
+        val_idx.update(g)
+    return ([r for i, r in enumerate(records) if i not in val_idx],
+            [r for i, r in enumerate(records) if i in val_idx])""",
+            "another seed gave the same split",
+        ),
     ],
     "encode_example": [
         (
@@ -327,7 +341,9 @@ WRONG_ANSWERS: dict[str, list[tuple[object, str]]] = {
     ],
     "q3": [(1.25, "exp of it"), (0.29, "NEGATIVE")],
     "q4": [("a", "labels=input_ids"), ("d", "label -100, not the pad id")],
-    "q5": [({"a", "b", "c", "d", "e"}, "not an advantage"), ({"a"}, "is an advantage")],
+    "q5": [({"a", "b", "c", "d", "e"}, "not an advantage"), ({"a"}, "is an advantage"),
+           ({"z"}, "letters a to e; 'z' is not one"), ("none", "'none' is not one"),
+           ({"b", "d"}, "none of the options you chose is an advantage")],
 }
 
 

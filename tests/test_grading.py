@@ -268,6 +268,9 @@ def test_gradebook_and_feedback_files(graded):
     assert "not written yet" in (out / "feedback" / "bob.md").read_text()
     results = json.loads((out / "results.json").read_text())
     assert results["seed"] == "secret" and results["max_total"] == MAX_TOTAL
+    # Q2 passes a keyword screen only: results and every feedback file say to read it by hand.
+    assert set(results["review"]) == {"q2"} and "read ANSWER_Q2" in results["review"]["q2"]
+    assert "## Read by hand\n\n- q2: a keyword screen" in (out / "feedback" / "alice.md").read_text()
 
 
 def test_child_environment_points_nowhere_near_the_repo(tmp_path):
