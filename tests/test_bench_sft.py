@@ -149,3 +149,14 @@ def test_committed_index_is_the_one_the_committed_runs_give(tmp_path):
     for path in runs:
         ratio = json.loads(path.read_text())["summary"]["ratios"]["packed_vs_trl_default"]
         assert f"runs/{path.parent.name}/RESULTS.md" in text and f"{ratio:.2f}x" in text
+
+
+def test_committed_runs_are_what_their_data_and_timings_give():
+    """Every committed run's derived figures (work, ceilings, ratios, seeds) are recomputed from
+    its recorded timings and the data and model it names: the committed summary must be that."""
+    bench_sft = _bench_module()
+    for path in sorted(bench_sft.RUNS.glob("*/bench_sft.json")):
+        committed = json.loads(path.read_text())
+        again = json.loads(json.dumps(bench_sft.resummarise(path.parent)))
+        assert again["work"] == committed["work"], path
+        assert again["summary"] == committed["summary"], path

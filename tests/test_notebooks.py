@@ -16,6 +16,8 @@ from lumorik_sft.notebooks import check_notebook, notebook_paths, output_bytes
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = notebook_paths(NOTEBOOK_DIR) if NOTEBOOK_DIR.is_dir() else []
+# The solutions are committed executed too (exercises/ is generated from them, without outputs).
+SOLUTIONS = notebook_paths(NOTEBOOK_DIR.parent / "solutions")
 
 
 def test_there_are_notebooks():
@@ -31,7 +33,7 @@ def _code(nb) -> list[str]:
     return [c.source for c in nb.cells if c.cell_type == "code"]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_notebook_is_fit_to_commit(path: Path):
     problems = check_notebook(path)
     assert not problems, "\n".join(problems) + "\nre-run: lumorik-sft notebooks --execute " + str(path)
