@@ -246,6 +246,56 @@ def test_completion_nll_selected_head_rows_equal_full_logits(gpt2, wrap) -> None
         assert M._HEAD_KEEPS_MASK[type(gpt2)] is True
 
 
+def _full_loss_grads(model, batch) -> list[torch.Tensor]:
+    """Gradients of the summed completion NLL from the model's own full forward (reference)."""
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1),
+                    ignore_index=-100, reduction="sum").backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_last_block_mlp_runs_on_kept_rows_only_and_changes_nothing(name, layout, request) -> None:
+    from lumorik_sft.packing import PackedCollator
+
+    model = request.getfixturevalue(name)
+    batch = make_batch([20, 5, 30, 12], [6, 20, 4, 15], seq_len=40, seed=3)  # 160 positions
+    reference = _full_loss_grads(model, batch)
+    ref_nll, ref_n = manual_nll(model, batch)
+    if layout == "packed":  # one padding-free row, attention per example
+        rows = [{k: v[b][batch["attention_mask"][b].bool()].tolist() for k, v in batch.items()}
+                for b in range(4)]
+        batch = PackedCollator(PAD_ID, mask="varlen")(rows)
+    first = M._last_block(model).mlp
+    first = first.c_fc if name == "gpt2" else first.gate_proj
+    seen: list[int] = []
+    handle = first.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:-1].numel()))
+    try:
+        model.zero_grad()
+        nll, n = M.completion_nll(model, batch)
+        nll.backward()
+    finally:
+        handle.remove()
+    assert seen[-1] == 64  # the 45 rows that predict a completion token, rounded up to 64
+    assert n == ref_n == 45 and nll.item() == pytest.approx(ref_nll, abs=1e-4)
+    for p, g in zip(model.parameters(), reference, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+    assert not isinstance(M._last_block(model).mlp, M._KeptRowsMLP)  # put back after the call
+
+
+def test_last_block_mlp_runs_whole_under_activation_checkpointing() -> None:
+    model = _gpt2().train()
+    model.activation_checkpointing_enable()  # the recompute in backward would run the MLP whole
+    batch = make_batch([20, 5, 30, 12], [6, 20, 4, 15], seq_len=40, seed=3)
+    seen: list[int] = []
+    M._last_block(model).mlp.c_fc.register_forward_hook(
+        lambda m, args, out: seen.append(args[0].shape[:-1].numel()))
+    M.completion_nll(model, batch)[0].backward()
+    assert seen[-2:] == [160, 160]  # the forward and its recompute, both whole
+
+
 class _OutOfMemory(_FullLogitsOnly):
     """Takes logits_to_keep, then runs out of memory (a RuntimeError subclass)."""
 
