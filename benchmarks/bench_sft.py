@@ -310,7 +310,7 @@ def run_contestant(name: str, spec: dict) -> dict[str, Any]:
 
 def executed_work(lengths: list[int], completion_tokens: int, batches: list[list[int]], *,
                   linear: int, head: int, n_layer: int, d: int, multiple: int = 0,
-                  checkpointing: bool = True) -> dict[str, float]:
+                  checkpointing: bool = True, last_mlp: int = 0) -> dict[str, float]:
     """Nominal FLOPs of one epoch as each loop actually runs it, for compute-bound ceilings.
 
     6·linear per token and 6·n_layer·d per query-key pair (forward + backward), over the tokens
@@ -319,8 +319,10 @@ def executed_work(lengths: list[int], completion_tokens: int, batches: list[list
     of a batch at its longest example, head as packed. TRL default: padded, the head on every
     position, and gradient checkpointing recomputes the blocks' forward (2 of the body's 6
     FLOPs again). Our loops round each row up to a `multiple` of tokens (pad_to_multiple_of);
-    those positions run through the linear layers too. The ratios are the speed-ups at equal
-    FLOP/s; the rest of a measured ratio is speed per FLOP.
+    those positions run through the linear layers too. ``last_mlp``: weights of the last
+    block's MLP, which our loops run only where the head runs (`metrics._last_mlp_on_kept_rows`;
+    0 for runs recorded before they did). The ratios are the speed-ups at equal FLOP/s; the rest
+    of a measured ratio is speed per FLOP.
     """
     from lumorik_sft.encoding import round_up
     from lumorik_sft.packing import LayoutCost, layout_cost
@@ -333,8 +335,9 @@ def executed_work(lengths: list[int], completion_tokens: int, batches: list[list
     padded_cost = layout_cost(lengths, batches, "none")
     packed_rows = sum(round_up(sum(lengths[i] for i in b), multiple or 1) for b in batches)
     padded_rows = sum(len(b) * round_up(w, multiple or 1) for b, w in zip(batches, widths, strict=True))
-    packed = flops(packed_cost, packed_rows) - 6 * head * (packed_rows - completion_tokens)
-    padded = flops(padded_cost, padded_rows) - 6 * head * (padded_rows - completion_tokens)
+    ours_skip = 6 * (head + last_mlp)  # per position that predicts no completion token
+    packed = flops(packed_cost, packed_rows) - ours_skip * (packed_rows - completion_tokens)
+    padded = flops(padded_cost, padded_rows) - ours_skip * (padded_rows - completion_tokens)
     padded_all = flops(padded_cost, padded_cost.computed_tokens)  # TRL: no rounding
     body = padded_all - 6 * head * padded_cost.computed_tokens
     trl = padded_all + (body / 3 if checkpointing else 0)
@@ -368,9 +371,14 @@ def useful_work(spec: dict) -> dict[str, Any]:
     # Our padded loop's batches (epoch 1; TRL's sampler makes its own, of the same size).
     batches = plan_micro_batches(epoch_order(len(lengths), spec["seed"], 1), lengths,
                                  spec["batch_size"])
+    last_mlp = 0
+    if spec.get("last_mlp_kept_rows", True):
+        from lumorik_sft.metrics import _last_block
+
+        last_mlp = sum(p.numel() for p in _last_block(model).mlp.parameters() if p.ndim == 2)
     executed = executed_work(lengths, report.completion_tokens, batches, linear=linear, head=head,
-                             n_layer=n_layer, d=d, multiple=spec["pad_multiple"])
-    return {"executed": executed, "examples": len(train_ex),
+                             n_layer=n_layer, d=d, multiple=spec["pad_multiple"], last_mlp=last_mlp)
+    return {"executed": executed, "last_mlp_params_skipped": last_mlp, "examples": len(train_ex),
             "completion_tokens": report.completion_tokens,
             "head_flops_skipped_by_ours": head_skipped,
             "real_tokens": sum(lengths), "useful_flops": flops, "matmul_params": linear,
@@ -600,7 +608,10 @@ def write_report(out: Path, payload: dict) -> str:
         "(`TrainConfig(packing='length')`).",
         "- All our loops run the LM head on supervised positions only, fused with the loss "
         "(`metrics.linear_cross_entropy`: 256 rows at a time, the [rows, vocab] logits never held "
-        "whole), use PyTorch's fused AdamW and swap GPT-2's Python GELU for the fused tanh GELU "
+        "whole)"
+        + (", and the last block's MLP on those positions only (`metrics._last_mlp_on_kept_rows`)"
+           if payload.get("last_mlp_kept_rows") else "")
+        + ", use PyTorch's fused AdamW and swap GPT-2's Python GELU for the fused tanh GELU "
         "while training (`TrainConfig.fused_activations`); the padded loop keeps the model's SDPA "
         "attention.",
         "- Peak RSS is each subprocess's own `ru_maxrss`; most of it is the imported libraries.",
@@ -697,9 +708,11 @@ def resummarise(run_dir: Path) -> dict:
         model_dir, _ = prepare_model(Path(tmp), payload["quick"], None, [], payload["seed"])
         spec = {"model_dir": model_dir, "train": train, "max_length": payload["max_length"],
                 "batch_size": payload["batch_size"], "seed": payload["seed"],
-                "pad_multiple": payload["pad_multiple"]}
+                "pad_multiple": payload["pad_multiple"],
+                "last_mlp_kept_rows": payload.get("last_mlp_kept_rows", False)}
         work = useful_work(spec)
-    changed = [k for k, v in payload["work"].items() if work.get(k) != v]
+    derived = {"executed", "last_mlp_params_skipped"}  # what today's code computes from the rest
+    changed = [k for k, v in payload["work"].items() if k not in derived and work.get(k) != v]
     if changed:
         raise SystemExit(f"{run_dir}: the data or model differ from the recorded run ({changed})")
     payload["work"] = work
@@ -782,7 +795,8 @@ def main(argv: list[str] | None = None) -> int:
         lr = args.lr if args.lr is not None else recommended_learning_rate(model_dir)
         pad_multiple = args.pad_multiple if args.pad_multiple is not None else (
             64 if precision == "bf16" else 0)
-        spec = {"pad_multiple": pad_multiple, "model_dir": model_dir, "train": train, "val": val,
+        spec = {"pad_multiple": pad_multiple, "last_mlp_kept_rows": True,
+                "model_dir": model_dir, "train": train, "val": val,
                 "max_length": args.max_length,
                 "batch_size": args.batch_size, "lr": lr, "seed": args.seed, "precision": precision,
                 "threads": args.threads, "work": tmp, "peak_seconds": 0.3 if args.quick else 1.5}
@@ -801,7 +815,8 @@ def main(argv: list[str] | None = None) -> int:
                "machine": machine(), "threads": args.threads, "peaks": peaks, "precision": precision,
                "model": model_label, "work": work, "n_val": len(val), "batch_size": args.batch_size,
                "lr": lr, "seed": args.seed, "max_length": args.max_length, "results": results,
-               "pad_multiple": spec["pad_multiple"], "val_reruns": reruns}
+               "pad_multiple": spec["pad_multiple"], "val_reruns": reruns,
+               "last_mlp_kept_rows": True}
     payload["summary"] = summarise(results, work, peaks, precision)
     payload["summary"]["val_over_seeds"] = val_over_seeds(results, reruns, args.seed)
     out = Path(args.out) if args.out else RUNS / run_tag(payload["machine"], args.threads, precision)

@@ -122,6 +122,11 @@ def test_executed_work_by_hand():
                                       multiple=4)
     assert (rounded["ours_packed"], rounded["ours_padded"]) == (618 + 3 * 36, 762 + 36)
     assert rounded["trl_default"] == 1120
+    # Our loops also skip the last block's MLP (2 weights here) where they skip the head:
+    # packed 618 - 6·2·(9-5) = 570, padded 762 - 6·2·(11-5) = 690; TRL runs it everywhere.
+    skipped = bench_sft.executed_work([2, 4, 3], 5, [[0, 1], [2]], linear=10, head=4, n_layer=1, d=1,
+                                      last_mlp=2)
+    assert (skipped["ours_packed"], skipped["ours_padded"], skipped["trl_default"]) == (570, 690, 1120)
 
 
 def test_runs_are_kept_per_kind_of_machine():
