@@ -195,6 +195,8 @@ class _KeptRowsMLP(torch.nn.Module):
         if x.shape[:-1] != self.keep.shape:  # not the layout we planned for: run it whole
             return self.mlp(x)
         y = self.mlp(x[self.keep])
+        if not isinstance(y, torch.Tensor):  # e.g. a mixture of experts returning router logits too
+            return self.mlp(x)
         out = y.new_zeros((*x.shape[:-1], y.shape[-1]))
         out[self.keep] = y
         return out

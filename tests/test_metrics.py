@@ -285,6 +285,17 @@ def test_last_block_mlp_runs_on_kept_rows_only_and_changes_nothing(name, layout,
     assert not isinstance(M._last_block(model).mlp, M._KeptRowsMLP)  # put back after the call
 
 
+def test_kept_rows_mlp_falls_back_to_the_whole_input_when_it_cannot_scatter() -> None:
+    keep = torch.tensor([[True, False, True]])
+    x = torch.arange(6.0).view(1, 3, 2)
+    pair = M._KeptRowsMLP(lambda h: (2 * h, "router logits"), keep)  # not a plain tensor
+    assert torch.equal(pair(x)[0], 2 * x)
+    other_layout = M._KeptRowsMLP(lambda h: 2 * h, keep)
+    assert torch.equal(other_layout(x.view(3, 1, 2)), 2 * x.view(3, 1, 2))
+    kept = M._KeptRowsMLP(lambda h: 2 * h, keep)(x)
+    assert torch.equal(kept, torch.tensor([[[0.0, 2.0], [0.0, 0.0], [8.0, 10.0]]]))
+
+
 def test_last_block_mlp_runs_whole_under_activation_checkpointing() -> None:
     model = _gpt2().train()
     model.activation_checkpointing_enable()  # the recompute in backward would run the MLP whole
