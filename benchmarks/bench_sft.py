@@ -703,7 +703,7 @@ def resummarise(run_dir: Path) -> dict:
     payload = json.loads((run_dir / "bench_sft.json").read_text())
     if payload["model"] != "embedded base model":
         raise SystemExit(f"{run_dir}: only runs of the embedded model can be re-summarised")
-    train, val = make_records(payload["quick"], payload["seed"])
+    train, _ = make_records(payload["quick"], payload["seed"])
     with tempfile.TemporaryDirectory(prefix="bench_sft_") as tmp:
         model_dir, _ = prepare_model(Path(tmp), payload["quick"], None, [], payload["seed"])
         spec = {"model_dir": model_dir, "train": train, "max_length": payload["max_length"],
@@ -716,11 +716,17 @@ def resummarise(run_dir: Path) -> dict:
     if changed:
         raise SystemExit(f"{run_dir}: the data or model differ from the recorded run ({changed})")
     payload["work"] = work
-    payload["summary"] = summarise(payload["results"], work, payload["peaks"], payload["precision"])
-    payload["summary"]["val_over_seeds"] = val_over_seeds(payload["results"], payload["val_reruns"],
-                                                          payload["seed"])
+    payload["summary"] = _summary(payload)
     payload["resummarised"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return payload
+
+
+def _summary(payload: dict) -> dict[str, Any]:
+    """Ceilings, ratios and the over-seeds figures of a run, from its timings and work."""
+    summary = summarise(payload["results"], payload["work"], payload["peaks"], payload["precision"])
+    summary["val_over_seeds"] = val_over_seeds(payload["results"], payload["val_reruns"],
+                                               payload["seed"])
+    return summary
 
 
 def _write_run(out: Path, payload: dict) -> None:
@@ -817,8 +823,7 @@ def main(argv: list[str] | None = None) -> int:
                "lr": lr, "seed": args.seed, "max_length": args.max_length, "results": results,
                "pad_multiple": spec["pad_multiple"], "val_reruns": reruns,
                "last_mlp_kept_rows": True}
-    payload["summary"] = summarise(results, work, peaks, precision)
-    payload["summary"]["val_over_seeds"] = val_over_seeds(results, reruns, args.seed)
+    payload["summary"] = _summary(payload)
     out = Path(args.out) if args.out else RUNS / run_tag(payload["machine"], args.threads, precision)
     _write_run(out, payload)
     rt = payload["summary"]["ratios"]

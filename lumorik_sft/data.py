@@ -177,10 +177,14 @@ def messages_to_prompt_completion(messages: Any) -> tuple[str, str]:
 
 
 def _to_record(
-    obj: Any, prompt_field: str, completion_field: str, messages_field: str | None
+    obj: Any, prompt_field: str, completion_field: str | None, messages_field: str | None
 ) -> dict[str, Any]:
-    """Validate one parsed row and return ``{"prompt", "completion"}``; raise _RowError if bad."""
-    _require_object(obj)
+    """Validate one parsed row and return ``{"prompt", "completion"}`` (only ``{"prompt"}`` when
+    ``completion_field`` is None); raise _RowError if bad."""
+    if isinstance(obj, _RowError):  # what `_jsonl_rows` yields for a line it could not parse
+        raise obj
+    if not isinstance(obj, dict):
+        raise _RowError("not_object", f"expected a JSON object, got {type(obj).__name__}")
     if messages_field is not None and messages_field in obj:
         try:
             prompt, completion = messages_to_prompt_completion(obj[messages_field])
@@ -189,12 +193,8 @@ def _to_record(
         return _check_unicode({"prompt": prompt, "completion": completion},
                               {"prompt": messages_field, "completion": messages_field})
     names = {"prompt": prompt_field, "completion": completion_field}
+    names = {key: name for key, name in names.items() if name is not None}
     return _check_unicode({key: _string_field(obj, name) for key, name in names.items()}, names)
-
-
-def _require_object(obj: Any) -> None:
-    if not isinstance(obj, dict):
-        raise _RowError("not_object", f"expected a JSON object, got {type(obj).__name__}")
 
 
 def _string_field(obj: dict[str, Any], name: str) -> str:
@@ -277,8 +277,6 @@ def _jsonl_rows(data: bytes) -> Iterator[tuple[int, str, Any]]:
 def _read_jsonl(path: str, data: bytes, fields: tuple, out: _Collector) -> None:
     for lineno, text, obj in _jsonl_rows(data):
         try:
-            if isinstance(obj, _RowError):
-                raise obj
             out.add(lineno, _to_record(obj, *fields))
         except _RowError as err:
             out.reject(lineno, err, text)
@@ -290,11 +288,7 @@ def read_prompts(path: str | os.PathLike, *, prompt_field: str = "prompt") -> li
     prompts = []
     for lineno, _, obj in _jsonl_rows(Path(name).read_bytes()):
         try:
-            if isinstance(obj, _RowError):
-                raise obj
-            _require_object(obj)
-            names = {"prompt": prompt_field}
-            prompts.append(_check_unicode({"prompt": _string_field(obj, prompt_field)}, names)["prompt"])
+            prompts.append(_to_record(obj, prompt_field, None, None)["prompt"])
         except _RowError as err:
             raise DataError(name, lineno, err.reason, err.code) from None
     return prompts

@@ -14,9 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from lumorik_sft.encoding import DEFAULT_SEPARATOR, encode_prompts_for_generation
-from lumorik_sft.models import context_length, prepare_tokenizer
-
-__all__ = ["context_length", "generate_completions"]
+from lumorik_sft.models import context_length, prepare_tokenizer  # context_length: re-exported
 from lumorik_sft.progress import progress_quiet
 
 
