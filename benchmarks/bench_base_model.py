@@ -14,7 +14,7 @@ What it measures:
    checksum (against the card, and against a second run of the recipe if `--second-run` is given).
 2. SFT learning-rate sweep on the worked example (product descriptions, 900/100 split by
    `data.split_records(seed=0)`, batch 8): held-out completion perplexity per learning rate; the
-   best becomes `recommended_sft_learning_rate` (what `pipeline.recommended_learning_rate` reads).
+   best becomes `recommended_sft_learning_rate` (what `defaults.recommended_learning_rate` reads).
 3. Worked-example SFT at that learning rate (3 epochs): completion perplexity, BLEU and ROUGE of
    greedy generations on the 100 held-out pairs before and after, the agreement ceiling, and the
    wall time of the run (bf16 autocast, and fp32 for comparison). `--timing-only` re-measures
@@ -51,23 +51,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from lumorik_sft import (  # noqa: E402
-    corpus,
     data,
-    datasets,
+    defaults,
     encoding,
     generation,
     metrics,
     models,
     pipeline,
 )
-from lumorik_sft.experiments import BaseModelFactory, run_sft  # noqa: E402
-from lumorik_sft.pretrain import (  # noqa: E402
+from lumorik_sft.basemodel import corpus  # noqa: E402
+from lumorik_sft.basemodel.pretrain import (  # noqa: E402
     _cpu_name,
-    cpu_supports_bf16,
     set_dropout,
     update_model_card,
     weights_checksum,
 )
+from lumorik_sft.course import demo, synthetic  # noqa: E402
+from lumorik_sft.course.experiments import BaseModelFactory, run_sft  # noqa: E402
+from lumorik_sft.models import cpu_supports_bf16  # noqa: E402
 
 # Targets of issue 4 ("Figures").
 RECIPE_MAX_SECONDS = 30 * 60
@@ -87,7 +88,7 @@ class Settings:
     val_fraction: float = 0.1
     epochs: int = 3
     batch_size: int = 8
-    warmup_ratio: float = 0.05  # as in notebook 05 and `pipeline.run_demo`
+    warmup_ratio: float = 0.05  # as in notebook 05 and `demo.run_demo`
     seed: int = 0
     sweep_lrs: tuple[float, ...] = (5e-5, 3e-4, 1e-3, 3e-3)
     sweep_epochs: int = 3  # 1: cheaper sweep, winner confirmed by the full 3-epoch run
@@ -293,7 +294,7 @@ def max_new_tokens_for(tokenizer, records, context: int) -> int:
 
 def worked_example(factory: BaseModelFactory, settings: Settings) -> dict[str, Any]:
     tokenizer = factory.tokenizer
-    records = datasets.product_descriptions(settings.n_products, seed=settings.seed)
+    records = synthetic.product_descriptions(settings.n_products, seed=settings.seed)
     train_records, val_records = data.split_records(records, val_fraction=settings.val_fraction,
                                                     seed=settings.seed)
     log("\n== Data: product descriptions ==")
@@ -332,11 +333,11 @@ def worked_example(factory: BaseModelFactory, settings: Settings) -> dict[str, A
     gen_cpu = gen_watch.stop()
     # the notebooks and `lumorik-sft demo` generate at most 96 new tokens: show what that costs
     short = None
-    if max_new > pipeline.DemoSettings.max_new_tokens:
+    if max_new > demo.DemoSettings.max_new_tokens:
         short = generation.generate_completions(
-            model, tokenizer, after.prompts, max_new_tokens=pipeline.DemoSettings.max_new_tokens)
+            model, tokenizer, after.prompts, max_new_tokens=demo.DemoSettings.max_new_tokens)
         short = metrics.corpus_bleu(short, after.references)
-    ceiling = datasets.product_agreement_bleu()
+    ceiling = synthetic.product_agreement_bleu()
     # a generation that never emitted EOS was cut by max_new_tokens (re-encoding is approximate)
     truncated = sum(len(tokenizer(p)["input_ids"]) >= max_new - 2 for p in after.predictions)
     out: dict[str, Any] = {
@@ -365,7 +366,7 @@ def worked_example(factory: BaseModelFactory, settings: Settings) -> dict[str, A
     log("ROUGE after:  " + ", ".join(f"{k} {v:.3f}" for k, v in after.rouge.items()))
     log(f"generations that hit max_new_tokens after SFT: {truncated}/{n_gen}")
     if short is not None:
-        log(f"BLEU after SFT with max_new_tokens {pipeline.DemoSettings.max_new_tokens} (the "
+        log(f"BLEU after SFT with max_new_tokens {demo.DemoSettings.max_new_tokens} (the "
             f"notebooks' setting): {short:.1f}")
     log(f"SFT wall time {sft_seconds:.1f} s ({settings.precision}, {run['steps']} steps)")
     if settings.compare_fp32 and settings.precision != "fp32":
@@ -389,7 +390,7 @@ def worked_example(factory: BaseModelFactory, settings: Settings) -> dict[str, A
                 f"warmup {settings.warmup_ratio:g}, seed {settings.seed}, "
                 f"{settings.precision}; held-out completion perplexity (fp32 evaluation)",
         "rows": rows, "best_learning_rate": lr,
-        "chapter_learning_rate": pipeline.CHAPTER_LEARNING_RATE,
+        "chapter_learning_rate": defaults.CHAPTER_LEARNING_RATE,
     }
     return {"worked_example": out, "sweep": sweep_table}
 
@@ -518,7 +519,7 @@ def print_table(rows) -> None:
 def time_sft(factory: BaseModelFactory, settings: Settings, lr: float) -> dict[str, Any]:
     """Wall time of the worked-example SFT run alone, in bf16 and fp32 (the machine idle?)."""
     tokenizer = factory.tokenizer
-    records = datasets.product_descriptions(settings.n_products, seed=settings.seed)
+    records = synthetic.product_descriptions(settings.n_products, seed=settings.seed)
     train_records, val_records = data.split_records(records, val_fraction=settings.val_fraction,
                                                     seed=settings.seed)
     log("\n== Data: product descriptions ==")

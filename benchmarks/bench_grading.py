@@ -27,7 +27,7 @@ import nbformat  # noqa: E402
 from test_checks import WRONG, WRONG_ANSWERS  # noqa: E402
 from test_grading import HOSTILE, _notebook  # noqa: E402
 
-from lumorik_sft import checks, grading  # noqa: E402
+from lumorik_sft.course import checks, grading  # noqa: E402
 
 
 def _write(folder: Path, notebooks: dict) -> None:

@@ -120,7 +120,7 @@ def run_tag(m: dict[str, Any], threads: int, precision: str) -> str:
 
 
 def make_records(quick: bool, seed: int) -> tuple[list[dict], list[dict]]:
-    from lumorik_sft.datasets import case_summaries, product_descriptions
+    from lumorik_sft.course.synthetic import case_summaries, product_descriptions
 
     n_prod, n_case = (48, 16) if quick else (700, 300)
     records = product_descriptions(n_prod, seed=seed) + case_summaries(n_case, seed=seed)
@@ -791,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     if precision == "auto":
         precision = "bf16" if peaks["bf16"] >= 1.3 * peaks["fp32"] else "fp32"
 
-    from lumorik_sft.pipeline import recommended_learning_rate
+    from lumorik_sft.defaults import recommended_learning_rate
 
     train, val = make_records(args.quick, args.seed)
     with tempfile.TemporaryDirectory(prefix="bench_sft_") as tmp:

@@ -23,10 +23,10 @@ from typing import Any
 
 # Commands whose arguments live beside their library code: (name, module, help).
 HOOKED_COMMANDS = [
-    ("pretrain", "lumorik_sft.pretrain", "rebuild the embedded base model from its recipe"),
-    ("notebooks", "lumorik_sft.notebooks", "check the notebooks; --execute re-runs them in place"),
-    ("exercises", "lumorik_sft.exercises", "generate exercises/ from solutions/ (build [--check])"),
-    ("grade", "lumorik_sft.grading", "grade student notebooks in sandboxed processes"),
+    ("pretrain", "lumorik_sft.basemodel.pretrain", "rebuild the embedded base model from its recipe"),
+    ("notebooks", "lumorik_sft.course.notebook_tools", "check notebooks; --execute re-runs them in place"),
+    ("exercises", "lumorik_sft.course.exercises", "generate exercises/ from solutions/ (build [--check])"),
+    ("grade", "lumorik_sft.course.grading", "grade student notebooks in sandboxed processes"),
 ]
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError, KeyError)
@@ -75,8 +75,8 @@ def _encode_file(path: str, what: str, tokenizer: Any, max_length: int) -> list[
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from lumorik_sft import encoding, training
+    from lumorik_sft.defaults import recommended_learning_rate
     from lumorik_sft.models import embedded_model_path, load_model_and_tokenizer
-    from lumorik_sft.pipeline import recommended_learning_rate
 
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     max_length = encoding.fit_max_length(model, args.max_length)
@@ -132,7 +132,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lumorik_sft.pipeline import DemoSettings, fast_mode, run_demo
+    from lumorik_sft.course.demo import DemoSettings, run_demo
+    from lumorik_sft.defaults import fast_mode
 
     settings = DemoSettings.for_mode(
         args.fast or fast_mode(), out_dir=Path(args.out), model=args.model, seed=args.seed,

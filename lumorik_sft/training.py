@@ -43,18 +43,18 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup, set_seed
 
+from lumorik_sft.config import TrainConfig
+from lumorik_sft.defaults import recommended_learning_rate, resolve_precision
 from lumorik_sft.distributed import DataParallel, setup_data_parallel
 from lumorik_sft.encoding import IGNORE_INDEX, SFTCollator
 from lumorik_sft.metrics import completion_nll, evaluate_loss
 from lumorik_sft.models import (
     context_length,
-    cpu_supports_bf16,
     fused_activations,
     prepare_tokenizer,
     resolve_device,
 )
 from lumorik_sft.packing import (
-    PACKING_MODES,
     PackedCollator,
     count_input_tokens,
     make_collator,
@@ -67,7 +67,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "history.json"
 FINAL_DIR_NAME = "final"
 CHECKPOINT_FORMAT = 1
-PRECISIONS = ("auto", "fp32", "bf16")
 
 # Settings that change the arithmetic of a run: resuming with different values would not
 # continue the same run, so `train(resume=...)` refuses them.
@@ -79,154 +78,6 @@ _RESUME_MUST_MATCH = (
 
 Batch = dict[str, torch.Tensor]
 Callback = Callable[[dict[str, Any]], Any]
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-@dataclass
-class TrainConfig:
-    """Every training setting in one place, with the chapter's values as defaults.
-
-    Optimisation: learning_rate, batch_size, grad_accum_steps, epochs, warmup_ratio,
-    warmup_steps, weight_decay, max_grad_norm, max_steps.
-    Reproducibility: seed, shuffle. Hardware: device, precision, eval_batch_size, packing,
-    pack_length, pad_to_multiple_of.
-    Output: output_dir, log_every, progress.
-    """
-
-    learning_rate: float = field(default=5e-5, metadata={
-        "help": "Peak AdamW learning rate (the chapter's 5e-5), reached after warmup."})
-    batch_size: int = field(default=8, metadata={
-        "help": "Examples per forward pass (micro-batch); lower it if you run out of memory."})
-    grad_accum_steps: int = field(default=1, metadata={
-        "help": "Micro-batches per optimizer step; effective batch = batch_size x this."})
-    epochs: int = field(default=3, metadata={"help": "Passes over the training examples."})
-    warmup_ratio: float = field(default=0.0, metadata={
-        "help": "Fraction of optimizer steps spent warming the LR up linearly from 0."})
-    warmup_steps: int | None = field(default=None, metadata={
-        "help": "Warmup length in optimizer steps; set this or warmup_ratio, not both."})
-    weight_decay: float = field(default=0.0, metadata={
-        "help": "AdamW decoupled weight decay; never applied to biases and norm weights."})
-    max_grad_norm: float | None = field(default=1.0, metadata={
-        "help": "Clip the global gradient norm to this; None or 0 disables clipping."})
-    seed: int = field(default=0, metadata={
-        "help": "Seeds Python, NumPy and torch, and the shuffling order of every epoch."})
-    device: str = field(default="auto", metadata={
-        "help": "'auto' (CUDA, then MPS, then CPU), or a torch device such as 'cuda:1'."})
-    precision: str = field(default="auto", metadata={
-        "help": "'fp32', 'bf16' (autocast, fp32 weights) or 'auto': bf16 on CUDA that "
-                "supports it, fp32 elsewhere."})
-    eval_batch_size: int = field(default=16, metadata={
-        "help": "Examples per forward pass when computing validation loss."})
-    output_dir: str | None = field(default=None, metadata={
-        "help": "Where checkpoint.pt, history.json and final/ go; None saves nothing."})
-    max_steps: int | None = field(default=None, metadata={
-        "help": "Stop after this many optimizer steps (smoke runs); the LR schedule ends there."})
-    log_every: int = field(default=50, metadata={
-        "help": "Print a one-line summary every N optimizer steps and each epoch; 0 = silent."})
-    progress: bool = field(default=True, metadata={
-        "help": "Show a tqdm progress bar (also off when env CI or TQDM_DISABLE is set)."})
-    shuffle: bool = field(default=True, metadata={
-        "help": "Shuffle examples each epoch, in an order rebuilt from (seed, epoch)."})
-    packing: str = field(default="none", metadata={
-        "help": "'none': pad each micro-batch to its longest row; 'bfd': pack the same "
-                "micro-batch without padding (one row, attention per example, on sdpa "
-                "models) or best-fit decreasing into block-masked rows (same loss, less "
-                "padding); 'length': batch examples of similar length together."})
-    pack_length: int | None = field(default=None, metadata={
-        "help": "Row length for packing='bfd' with block masks (eager attention); None: the "
-                "longest example of each micro-batch, so rows are never wider than padding."})
-    pad_to_multiple_of: int | None = field(default=None, metadata={
-        "help": "Round each training micro-batch's width up to a multiple of this (e.g. 64): "
-                "fewer distinct shapes for kernels that cache per shape (oneDNN bf16 on CPU)."})
-    fused_activations: bool = field(default=True, metadata={
-        "help": "While training, run GPT-2's Python GELU (gelu_new) as PyTorch's fused tanh "
-                "GELU: the same formula in one kernel instead of seven (see fused_activations)."})
-
-    def __post_init__(self) -> None:
-        if isinstance(self.output_dir, Path):
-            self.output_dir = str(self.output_dir)
-        for message in self._problems():
-            raise ValueError(message)
-
-    def _problems(self) -> Iterator[str]:
-        """Yield a fix-it message for each invalid setting (the first one is raised)."""
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            yield (f"learning_rate must be a positive number, got {self.learning_rate!r}; "
-                   "the chapter uses 5e-5, a common range for fine-tuning is 1e-5 to 2e-4")
-        for name in ("batch_size", "grad_accum_steps", "epochs", "eval_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                yield f"{name} must be an integer >= 1, got {value!r}"
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            yield (f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}; "
-                   "e.g. 0.1 warms up over the first 10% of optimizer steps")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            yield f"warmup_steps must be >= 0 or None, got {self.warmup_steps!r}"
-        if self.warmup_steps is not None and self.warmup_ratio > 0:
-            yield ("set warmup_steps or warmup_ratio, not both: "
-                   f"got warmup_steps={self.warmup_steps} and warmup_ratio={self.warmup_ratio}")
-        if self.weight_decay < 0:
-            yield f"weight_decay must be >= 0, got {self.weight_decay!r} (0.0 disables it)"
-        if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
-            yield (f"max_grad_norm must be >= 0 or None, got {self.max_grad_norm!r}; "
-                   "use None or 0 to disable clipping")
-        if self.packing not in PACKING_MODES:
-            yield (f"packing must be one of {', '.join(PACKING_MODES)}, got {self.packing!r}; "
-                   "'bfd' keeps the padded loop's batches and losses with less padding")
-        if self.pack_length is not None and (not isinstance(self.pack_length, int)
-                                             or self.pack_length < 1):
-            yield f"pack_length must be an integer >= 1 or None, got {self.pack_length!r}"
-        if self.pad_to_multiple_of is not None and (not isinstance(self.pad_to_multiple_of, int)
-                                                    or self.pad_to_multiple_of < 1):
-            yield (f"pad_to_multiple_of must be an integer >= 1 or None, "
-                   f"got {self.pad_to_multiple_of!r}")
-        if self.precision not in PRECISIONS:
-            yield f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
-        if self.max_steps is not None and (not isinstance(self.max_steps, int)
-                                           or self.max_steps < 1):
-            yield f"max_steps must be an integer >= 1 or None (no cap), got {self.max_steps!r}"
-        if not isinstance(self.log_every, int) or self.log_every < 0:
-            yield f"log_every must be an integer >= 0 (0 = no log lines), got {self.log_every!r}"
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                yield (f"device {self.device!r} is not a torch device; use 'auto', 'cpu', "
-                       "'cuda', 'cuda:0' or 'mps'")
-
-    @property
-    def effective_batch_size(self) -> int:
-        """Examples per optimizer step."""
-        return self.batch_size * self.grad_accum_steps
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """Field name -> help text, for CLIs and notebook tables."""
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """Turn 'auto' into 'bf16' or 'fp32' for this device.
-
-    bf16 autocast pays off on CUDA GPUs with bf16 units (Ampere and later): faster matmuls and
-    half the activation memory, and bf16 keeps fp32's exponent range, so no loss scaling is
-    needed (fp16 would need a GradScaler). Weights and optimizer state stay fp32. On CPU and
-    MPS bf16 autocast is often slower or only partly supported, so 'auto' stays in fp32 there.
-    """
-    if precision == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
-        warnings.warn("this CPU has no native bf16 kernels (AVX512-BF16 or AMX), so bf16 autocast is "
-                      "emulated and runs many times slower than fp32 (~2 against ~130 GFLOP/s on an "
-                      "AVX2 CPU); use precision='auto' or 'fp32'", stacklevel=2)
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
@@ -934,6 +785,9 @@ def _setup(
         raise ValueError(f"examples lack {sorted(missing)}; build them with encode_records")
     for what, examples in (("training", train_examples), ("validation", val_examples or [])):
         _check_context(model, examples, what)
+    if config.learning_rate is None:  # one rule for every caller: the model's recommended rate
+        lr = recommended_learning_rate(getattr(model, "name_or_path", None), model)
+        config = dataclasses.replace(config, learning_rate=lr)
     set_seed(config.seed)
     parallel = setup_data_parallel(config.device)
     device = parallel.device if parallel.active else resolve_device(config.device)

@@ -11,11 +11,25 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from lumorik_sft.checks import TOY_TEXTS  # noqa: E402  (one toy corpus for tests and checks)
+from lumorik_sft.course.checks import TOY_TEXTS  # noqa: E402  (one toy corpus for tests and checks)
 from lumorik_sft.models import build_model, train_bpe_tokenizer  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
+
+@pytest.fixture(autouse=True, scope="session")
+def auto_precision_is_fp32():
+    """precision='auto' resolves to fp32 in tests, on every CPU.
+
+    'auto' means bf16 where the CPU has native bf16 (`defaults.resolve_precision`), so the same
+    test would compare bf16 numbers on one machine and fp32 numbers on another. Tests of the bf16
+    path ask for precision='bf16' explicitly, or patch this back.
+    """
+    from lumorik_sft import defaults
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(defaults, "_native_bf16", lambda device: False)
+        yield
 
 
 @pytest.fixture(scope="session")

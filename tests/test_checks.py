@@ -9,8 +9,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lumorik_sft import checks
-from lumorik_sft.grading import _compile_cell
+from lumorik_sft.course import checks
+from lumorik_sft.course.grading import _compile_cell
 
 ROOT = Path(__file__).resolve().parent.parent
 

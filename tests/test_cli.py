@@ -81,13 +81,14 @@ def test_demo_runs_end_to_end_in_fast_mode(tmp_path, monkeypatch, capsys):
 
 
 def test_train_eval_generate_commands_on_a_local_model(tmp_path, toy_tokenizer, capsys):
-    from lumorik_sft import data, datasets
+    from lumorik_sft import data
+    from lumorik_sft.course import synthetic
     from lumorik_sft.models import build_model
 
     base = tmp_path / "base"
     build_model("llama", toy_tokenizer, n_layer=1, width=32, n_head=2, context=256).save_pretrained(base)
     toy_tokenizer.save_pretrained(base)
-    records = datasets.health_qa(n=24, seed=0)
+    records = synthetic.health_qa(n=24, seed=0)
     data.write_jsonl(tmp_path / "train.jsonl", records[:20])
     data.write_jsonl(tmp_path / "val.jsonl", records[20:])
     run = tmp_path / "run"

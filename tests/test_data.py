@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lumorik_sft.course.synthetic import product_descriptions
 from lumorik_sft.data import (
     CurationReport,
     DataError,
@@ -26,7 +27,6 @@ from lumorik_sft.data import (
     write_csv,
     write_jsonl,
 )
-from lumorik_sft.datasets import product_descriptions
 
 
 def words(record: dict) -> int:

@@ -1,4 +1,4 @@
-"""Tests for lumorik_sft.datasets: seeded synthetic course data and the noisy curation file."""
+"""Tests for lumorik_sft.course.synthetic: seeded synthetic course data and the noisy curation file."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lumorik_sft.data import DataError, clean_text, read_records, run_curation, split_records
-from lumorik_sft.datasets import (
+from lumorik_sft.course.synthetic import (
     COURSE_DATASETS,
     NOISE_COUNTS,
     SYNTHETIC_NOTICE,
@@ -28,6 +27,7 @@ from lumorik_sft.datasets import (
     write_noisy_product_descriptions,
     write_product_csv,
 )
+from lumorik_sft.data import DataError, clean_text, read_records, run_curation, split_records
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_registry_and_notice() -> None:
 
 
 def test_asking_for_more_records_than_exist_fails_at_once() -> None:
-    from lumorik_sft.datasets import _CATEGORIES, _COLOURS, LENGTHS, TONES
+    from lumorik_sft.course.synthetic import _CATEGORIES, _COLOURS, LENGTHS, TONES
 
     every_prompt = {render_product_prompt({
         "category": cat, "material": mat, "colour": col, "features": list(feats), "tone": tone,

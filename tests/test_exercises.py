@@ -9,8 +9,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lumorik_sft import exercises
-from lumorik_sft.exercises import ExerciseSourceError, stub_source
+from lumorik_sft.course import exercises
+from lumorik_sft.course.exercises import ExerciseSourceError, stub_source
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS, EXERCISES = ROOT / "solutions", ROOT / "exercises"

@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 from matplotlib.figure import Figure
 
-from lumorik_sft import experiments as E
-from lumorik_sft import widgets as W
-from lumorik_sft.datasets import product_descriptions
+from lumorik_sft.course import experiments as E
+from lumorik_sft.course import widgets as W
+from lumorik_sft.course.synthetic import product_descriptions
 from lumorik_sft.encoding import encode_records
 from lumorik_sft.models import build_model, train_bpe_tokenizer
 from lumorik_sft.pipeline import EvalReport

@@ -15,8 +15,8 @@ import nbformat
 import pytest
 from test_checks import WRONG, WRONG_ANSWERS
 
-from lumorik_sft import checks, grading, sandbox
-from lumorik_sft.grading import GradingConfig
+from lumorik_sft.course import checks, grading, sandbox
+from lumorik_sft.course.grading import GradingConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_TOTAL = sum(ex.points for ex in checks.EXERCISES.values())
@@ -100,7 +100,7 @@ HOSTILE = {
             "solutions",
             NB1,
             append=(
-                "import lumorik_sft.checks as c, lumorik_sft.data as d, lumorik_sft.grading as g\n"
+                "import lumorik_sft.course.checks as c, lumorik_sft.data as d, lumorik_sft.course.grading as g\n"
                 "c.judge = lambda *a, **k: None\n"
                 "c.check_clean_and_dedupe = lambda fn: print('passed')\n"
                 "c.run_case = lambda ex, obj, case, fn_globals=None: ex.reference(case)\n"
@@ -121,7 +121,7 @@ HOSTILE = {
             NB1,
             append=(
                 # answers precomputed for the notebook check's cases (seed 0): useless against the secret seed
-                "from lumorik_sft import checks as _c\n"
+                "from lumorik_sft.course import checks as _c\n"
                 "_TABLE = {repr(case['records']): d for case in _c.EXERCISES['clean_and_dedupe'].make_cases(0)\n"
                 "          for d in [_c.EXERCISES['clean_and_dedupe'].reference(case)]}\n"
                 "def clean_and_dedupe(records):\n    return _TABLE.get(repr(records), [])",

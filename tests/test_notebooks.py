@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lumorik_sft.notebooks import check_notebook, notebook_paths, output_bytes
+from lumorik_sft.course.notebook_tools import check_notebook, notebook_paths, output_bytes
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = notebook_paths(NOTEBOOK_DIR) if NOTEBOOK_DIR.is_dir() else []
@@ -121,9 +121,9 @@ def test_execute_notebook_sets_the_mode_and_writes_in_place(tmp_path: Path):
     """One tiny kernel run: the mode reaches the kernel, and outputs land in the file."""
     import argparse
 
-    from lumorik_sft.notebooks import add_arguments, execute_notebook, run_from_args
+    from lumorik_sft.course.notebook_tools import add_arguments, execute_notebook, run_from_args
 
-    cell = nbformat.v4.new_code_cell("import os\nfrom lumorik_sft.pipeline import fast_mode\n"
+    cell = nbformat.v4.new_code_cell("import os\nfrom lumorik_sft.defaults import fast_mode\n"
                                      "print(os.environ['LUMORIK_FAST'], fast_mode())")
     path = _write(tmp_path, [cell])
     assert check_notebook(path)  # not executed yet
@@ -138,7 +138,7 @@ def test_execute_notebook_sets_the_mode_and_writes_in_place(tmp_path: Path):
 
 def test_coalesce_streams_merges_consecutive_prints_of_one_stream():
     """A cell's printing saved as one output per stream run, whatever the kernel's flush timing."""
-    from lumorik_sft.notebooks import coalesce_streams
+    from lumorik_sft.course.notebook_tools import coalesce_streams
 
     out = nbformat.v4.new_output
     cell = nbformat.v4.new_code_cell("print(1); print(2)")

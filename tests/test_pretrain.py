@@ -9,14 +9,14 @@ import os
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lumorik_sft.corpus import (
+from lumorik_sft.basemodel.corpus import (
     CorpusSource,
     assemble_corpus,
     check_license,
     first_sentence,
     python_doc_qa,
 )
-from lumorik_sft.pretrain import (
+from lumorik_sft.basemodel.pretrain import (
     MODEL_FILES,
     PretrainConfig,
     pack_blocks,
@@ -142,7 +142,7 @@ def test_config_errors_say_how_to_fix():
 def test_cli_arguments_round_trip():
     import argparse
 
-    from lumorik_sft.pretrain import add_arguments
+    from lumorik_sft.basemodel.pretrain import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -183,8 +183,8 @@ def _fake_model_folder(folder):
 
 
 def test_update_model_card_merges_figures_and_rewrites_the_readme(tmp_path):
-    from lumorik_sft.pipeline import recommended_learning_rate
-    from lumorik_sft.pretrain import update_model_card
+    from lumorik_sft.basemodel.pretrain import update_model_card
+    from lumorik_sft.defaults import recommended_learning_rate
 
     folder = tmp_path / "m"
     card = _fake_model_folder(folder)
@@ -224,7 +224,7 @@ def test_update_model_card_merges_figures_and_rewrites_the_readme(tmp_path):
 
 
 def test_update_model_card_refuses_other_weights(tmp_path):
-    from lumorik_sft.pretrain import update_model_card
+    from lumorik_sft.basemodel.pretrain import update_model_card
 
     folder = tmp_path / "m"
     _fake_model_folder(folder)

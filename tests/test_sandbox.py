@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lumorik_sft import sandbox
+from lumorik_sft.course import sandbox
 
 BOX = sandbox.detect()
 pytestmark = pytest.mark.skipif(not BOX.isolated, reason="no mount namespaces on this machine")

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from lumorik_sft.course.plots import plot_loss_curves
 from lumorik_sft.encoding import IGNORE_INDEX, SFTCollator, encode_records
 from lumorik_sft.metrics import completion_nll
 from lumorik_sft.models import build_model
-from lumorik_sft.plots import plot_loss_curves
 from lumorik_sft.training import (
     CHECKPOINT_NAME,
     TrainConfig,

@@ -53,7 +53,7 @@ def widgets_enabled() -> bool:
     The heuristic says yes only in a Jupyter kernel with ipywidgets installed, outside fast mode
     and CI (where nbval runs the notebooks and nobody can click).
     """
-    from lumorik_sft.pipeline import fast_mode
+    from lumorik_sft.defaults import fast_mode
 
     setting = os.environ.get(WIDGETS_ENV, "").strip().lower()
     if setting in _OFF:
@@ -239,7 +239,7 @@ class LiveLossPlot:
     def _draw(self) -> Any:
         from matplotlib.figure import Figure
 
-        from lumorik_sft.plots import plot_loss_curves
+        from lumorik_sft.course.plots import plot_loss_curves
 
         fig = Figure(figsize=(7, 4), layout="constrained")
         plot_loss_curves(self.result, ax=fig.add_subplot())

@@ -3,9 +3,9 @@
 The notebooks are committed *executed in full mode*, outputs included, so that they read well on
 GitHub; CI then runs them again in fast mode under nbval. This module is the tooling for both::
 
-    python -m lumorik_sft.notebooks --execute            # re-run every notebook, full mode, in place
-    python -m lumorik_sft.notebooks --execute --fast notebooks/01_data_curation.ipynb
-    python -m lumorik_sft.notebooks                      # only check the committed notebooks
+    python -m lumorik_sft.course.notebook_tools --execute   # re-run every notebook, full mode, in place
+    python -m lumorik_sft.course.notebook_tools --execute --fast notebooks/01_data_curation.ipynb
+    python -m lumorik_sft.course.notebook_tools                      # only check the committed notebooks
 
 (`lumorik-sft notebooks ...` is the same command.) A notebook is fit to commit when
 `check_notebook` finds no problem: no error output, no unexecuted code cell, no more than 2 MB of
@@ -55,7 +55,7 @@ def notebook_paths(root: str | os.PathLike = "notebooks") -> list[Path]:
 
 def _kernel_env(fast: bool, quiet_progress: bool) -> dict[str, str]:
     """The environment the kernel starts with: the mode is set explicitly, never inherited."""
-    from lumorik_sft.pipeline import FAST_ENV
+    from lumorik_sft.defaults import FAST_ENV
 
     env = dict(os.environ)
     env[FAST_ENV] = "1" if fast else "0"
@@ -66,7 +66,7 @@ def _kernel_env(fast: bool, quiet_progress: bool) -> dict[str, str]:
         env["TQDM_DISABLE"] = "1"
         env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # save_pretrained's shard bar, likewise
     # A committed notebook must read on GitHub, which cannot render live widgets: executed
-    # notebooks take the widgets' plain-output fallback (lumorik_sft.widgets).
+    # notebooks take the widgets' plain-output fallback (lumorik_sft.course.widgets).
     env["LUMORIK_WIDGETS"] = "0"
     return env
 
@@ -246,7 +246,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lumorik_sft.notebooks",
+    parser = argparse.ArgumentParser(prog="python -m lumorik_sft.course.notebook_tools",
                                      description="Execute and check the course notebooks.")
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))

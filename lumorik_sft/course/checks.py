@@ -2,7 +2,7 @@
 
 In a notebook, right after writing an exercise::
 
-    from lumorik_sft import checks
+    from lumorik_sft.course import checks
     checks.check_encode_example(encode_example)   # feedback lines, then one "passed" line
 
 Every exercise is one :class:`Exercise` in :data:`EXERCISES`, made of four pure pieces:
@@ -13,7 +13,7 @@ Every exercise is one :class:`Exercise` in :data:`EXERCISES`, made of four pure 
   floats, dicts: tensors become lists);
 * ``compare(case, expected, got)`` -> ``None`` when right, else one actionable line.
 
-The notebook checks below and the instructor grader (:mod:`lumorik_sft.grading`) share them: the
+The notebook checks below and the instructor grader (:mod:`lumorik_sft.course.grading`) share them: the
 grader calls ``run`` in a sandboxed child process, gets the data back, and calls ``reference`` and
 ``compare`` in its own process, so nothing a student's code does can change a verdict.
 The ``check_*`` functions print and return nothing, so a cell shows only the feedback;

@@ -1,6 +1,6 @@
 """Grade a class's exercise notebooks so that no student's code can change a verdict.
 
-    python -m lumorik_sft.grading SUBMISSIONS --out OUT [--workers 2] [--timeout 20] [--memory-mb 4096]
+    python -m lumorik_sft.course.grading SUBMISSIONS --out OUT [--workers 2] [--timeout 20] [--memory-mb 4096]
 
 (or `lumorik-sft grade ...`). ``SUBMISSIONS`` holds
 one folder per student with their copies of the exercise notebooks, under the same file names; a
@@ -11,12 +11,12 @@ How a verdict is made, and why student code cannot change it:
 
 1. The grader draws a secret seed per run (``--seed`` only for reproducing a run) and builds every
    exercise's hidden cases with the same ``make_cases`` the notebook checks use
-   (:mod:`lumorik_sft.checks`); answers precomputed for the check cases do not help.
+   (:mod:`lumorik_sft.course.checks`); answers precomputed for the check cases do not help.
 2. Each student's code runs in ONE fresh interpreter (``sys.executable -I``), in an empty temporary
    working directory, with a scrubbed environment (no path to the solutions or the submissions), an
    address-space limit (``RLIMIT_AS``), a CPU-time limit, a per-exercise alarm inside the child, and a
    per-phase watchdog in the parent that kills the whole process group. On Linux it also runs in
-   its own root filesystem and PID namespace (:mod:`lumorik_sft.sandbox`): only the system, Python
+   its own root filesystem and PID namespace (:mod:`lumorik_sft.course.sandbox`): only the system, Python
    and the ``lumorik_sft`` package directory are there, read-only, so ``solutions/``, ``.git``, other
    students' work and the gradebook do not exist for it; the student's code runs as ``nobody`` or
    without capabilities, so it cannot undo that. The child receives the
@@ -25,9 +25,10 @@ How a verdict is made, and why student code cannot change it:
    writes their outputs back as JSON data on a dedicated pipe, one record per exercise. Nothing is
    unpickled, and stdout is discarded (printing "passed" is noise).
 3. The grader computes the expected outputs with the package's reference functions and compares them
-   with the returned data in its own process (``checks.judge``): monkeypatching ``lumorik_sft.checks`` or a
-   reference inside the child changes nothing here. In the child, those modules are also restored
-   from a snapshot before each exercise, and calling the reference an exercise mirrors fails it.
+   with the returned data in its own process (``checks.judge``): monkeypatching
+   ``lumorik_sft.course.checks`` or a reference inside the child changes nothing here. In the child,
+   those modules are also restored from a snapshot before each exercise, and calling the reference
+   an exercise mirrors fails it.
 4. If the child dies (``os._exit``, a segfault, the OOM killer) or hangs, the exercise in progress gets
    ``error``, ``out of memory`` or ``timeout`` and a fresh child goes on with the remaining ones.
 
@@ -58,8 +59,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lumorik_sft import sandbox
-from lumorik_sft.sandbox import Sandbox
+from lumorik_sft.course import sandbox
+from lumorik_sft.course.sandbox import Sandbox
 
 __all__ = [
     "ExerciseGrade",
@@ -85,7 +86,7 @@ class GradingConfig:
     memory_mb: int = 4096  # address space; importing torch alone maps ~2.2 GB
     startup_timeout: float = 180.0  # interpreter start and imports, under load
     max_restarts: int = 8  # fresh children after a crash/hang, per student
-    isolate: bool = True  # namespaces that hide the solutions (see lumorik_sft.sandbox), where available
+    isolate: bool = True  # namespaces that hide the solutions (course.sandbox), where available
 
 
 @dataclass
@@ -129,7 +130,7 @@ class _Plan:
 
 
 def _make_plan(seed: int, names: Sequence[str] | None = None) -> _Plan:
-    from lumorik_sft import checks
+    from lumorik_sft.course import checks
 
     chosen = list(names) if names else list(checks.EXERCISES)
     cases, expected = {}, {}
@@ -168,7 +169,7 @@ limit = int(sys.argv[1]) * 1024 * 1024
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 cpu = int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
-from lumorik_sft.grading import _child_main
+from lumorik_sft.course.grading import _child_main
 _child_main(int(sys.argv[3]))
 """
 
@@ -202,7 +203,7 @@ def _kill(proc: subprocess.Popen) -> None:
 def _run_child(job: dict[str, Any], config: GradingConfig, scratch: Path, box: Sandbox) -> _ChildRun:
     """Start one child on `job`, follow its records with per-phase deadlines, classify its end."""
     private = Path(tempfile.mkdtemp(dir=scratch, prefix="run-"))
-    root = private / "root"  # the child's root filesystem when isolated (see lumorik_sft.sandbox)
+    root = private / "root"  # the child's root filesystem when isolated (see lumorik_sft.course.sandbox)
     if box.isolated:
         root.mkdir()
         home = sandbox.HOME  # as the child sees it; the sandbox's shell changes into HOME / "work"
@@ -354,7 +355,7 @@ def _oom(out: Any) -> bool:
 
 
 def _judge_exercise(grade: ExerciseGrade, ex: Any, cases: list, expected: list, outputs: list) -> None:
-    from lumorik_sft import checks
+    from lumorik_sft.course import checks
 
     grade.n_cases = len(cases)
     feedback, passed, timeouts, ooms, raised = [], 0, 0, 0, 0
@@ -410,7 +411,7 @@ def grade_student(
     box: Sandbox | None = None,
 ) -> StudentGrade:
     """Grade one student's folder; never raises for anything the student's code does."""
-    from lumorik_sft import checks
+    from lumorik_sft.course import checks
 
     start = time.monotonic()
     folder = Path(folder)
@@ -485,7 +486,7 @@ def _safe_name(name: str) -> str:
 
 
 def _feedback_markdown(student: StudentGrade, max_total: float) -> str:
-    from lumorik_sft import checks
+    from lumorik_sft.course import checks
 
     lines = [
         f"# Feedback for {student.student}",
@@ -520,7 +521,7 @@ def _feedback_markdown(student: StudentGrade, max_total: float) -> str:
 def _write_outputs(
     out: Path, plan: _Plan, students: list[StudentGrade], seed_note: str, isolation: str
 ) -> None:
-    from lumorik_sft import checks
+    from lumorik_sft.course import checks
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "feedback").mkdir(exist_ok=True)
@@ -596,7 +597,7 @@ def grade(
                 try:
                     results[folder.name] = future.result()
                 except Exception as err:  # a grader bug for one student must not stop the class
-                    from lumorik_sft import checks
+                    from lumorik_sft.course import checks
 
                     grades = {
                         n: ExerciseGrade(
@@ -711,7 +712,8 @@ def _child_main(result_fd: int) -> None:  # pragma: no cover - runs in the child
     import torch
 
     torch.set_num_threads(1)
-    from lumorik_sft import checks, data, encoding, metrics, training
+    from lumorik_sft import data, encoding, metrics, training
+    from lumorik_sft.course import checks
 
     exercises = {e["name"]: checks.EXERCISES[e["name"]] for e in job["exercises"]}
     run_case, raised_data = checks.run_case, checks._raised
@@ -824,7 +826,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from lumorik_sft import checks
+    from lumorik_sft.course import checks
 
     unknown = [n for n in (args.exercise or []) if n not in checks.EXERCISES]
     if unknown:
@@ -856,7 +858,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lumorik_sft.grading", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lumorik_sft.course.grading",
+                                     description=__doc__.split("\n")[0])
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 

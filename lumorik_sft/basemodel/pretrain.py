@@ -2,10 +2,10 @@
 
 SFT fine-tunes a *pretrained* model, and students here have no hub access and two CPU cores.
 So the package ships a small GPT-2 pretrained on documentation text that is already on every
-machine (see `lumorik_sft.corpus`), and this module is how it was made::
+machine (see `lumorik_sft.basemodel.corpus`), and this module is how it was made::
 
     lumorik-sft pretrain                      # ~20 minutes on 2 CPU cores, into the package
-    python -m lumorik_sft.pretrain --out /tmp/base --max-steps 20   # a quick look
+    python -m lumorik_sft.basemodel.pretrain --out /tmp/base --max-steps 20   # a quick look
 
 The run is deterministic: a fixed number of optimizer steps (never a time budget, which would
 stop at a different step on a busier machine), a seeded model and data order, and the same
@@ -32,12 +32,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lumorik_sft.corpus import DEFAULT_SOURCES, Corpus, CorpusSource, assemble_corpus
+from lumorik_sft.basemodel.corpus import DEFAULT_SOURCES, Corpus, CorpusSource, assemble_corpus
+from lumorik_sft.defaults import resolve_precision
 from lumorik_sft.models import (
     EMBEDDED_MODEL_DIR,
     build_model,
     count_parameters,
-    cpu_supports_bf16,
     resolve_device,
     train_bpe_tokenizer,
 )
@@ -46,7 +46,6 @@ __all__ = [
     "MODEL_FILES",
     "PretrainConfig",
     "add_arguments",
-    "cpu_supports_bf16",
     "main",
     "pack_blocks",
     "run_from_args",
@@ -165,21 +164,6 @@ class PretrainConfig:
 # ---------------------------------------------------------------- precision
 
 
-def resolve_pretrain_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' on a bf16-capable CPU or CUDA GPU, else 'fp32'.
-
-    `training.resolve_precision` keeps CPUs in fp32 for SFT (small batches gain little); for
-    pretraining on this course's CPU bf16 autocast was measured faster (see max_steps).
-    """
-    if precision != "auto":
-        return precision
-    if device.type == "cpu":
-        return "bf16" if cpu_supports_bf16() else "fp32"
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
 # ---------------------------------------------------------------- data
 
 
@@ -260,7 +244,7 @@ tags: [gpt2, lumorik-sft, tiny, cpu]
 
 # lumorik-sft base model: a {m['parameters'] / 1e6:.1f}M-parameter GPT-2 pretrained on documentation
 
-A small causal language model made by `lumorik-sft pretrain` (module `lumorik_sft.pretrain`) so
+A small causal language model made by `lumorik-sft pretrain` (module `lumorik_sft.basemodel.pretrain`) so
 that the course's SFT notebooks fine-tune a *pretrained* model offline, on a 2-core CPU, in
 minutes. It writes English in the style of Python documentation; it knows little else.
 
@@ -355,7 +339,7 @@ def _figures_markdown(card: dict[str, Any]) -> str:
         parts.append("")
     if "recommended_sft_learning_rate" in card:
         parts.append(f"Recommended SFT learning rate: **{card['recommended_sft_learning_rate']:g}**"
-                     " (`pipeline.recommended_learning_rate` reads it from `card.json`); the "
+                     " (`defaults.recommended_learning_rate` reads it from `card.json`); the "
                      "chapter's 5e-5 remains an option, see the sweep.\n")
     rows = sweep.get("rows", [])
     if rows:
@@ -546,7 +530,7 @@ def run_pretrain(config: PretrainConfig | None = None) -> dict[str, Any]:
                         width=config.width, n_head=config.n_head, context=config.context)
     set_dropout(model, config.dropout)
     device = resolve_device(config.device)
-    precision = resolve_pretrain_precision(config.precision, device)
+    precision = resolve_precision(config.precision, device)
     per_epoch = math.ceil(len(train_blocks) / config.batch_size)
     train_config = TrainConfig(
         learning_rate=config.learning_rate, batch_size=config.batch_size,
@@ -610,7 +594,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lumorik_sft.pretrain",
+    parser = argparse.ArgumentParser(prog="python -m lumorik_sft.basemodel.pretrain",
                                      description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))

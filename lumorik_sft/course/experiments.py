@@ -3,7 +3,7 @@
 Each driver trains fresh copies of one base model (a *model factory*: a zero-argument callable
 returning a new, untrained model), so runs never leak into each other, and returns a list of
 dicts that plots, tables and ``assert`` cells consume. Nothing here prints; the ``plot_*`` helpers at
-the end draw the returned data (matplotlib Figures, as in `lumorik_sft.plots`).
+the end draw the returned data (matplotlib Figures, as in `lumorik_sft.course.plots`).
 
     factory = base_model_factory(fallback_texts=texts)        # the embedded model, or a toy
     runs = lr_sweep(factory, factory.tokenizer, train_ex, val_ex, [5e-5, 1e-3, 1e-1], epochs=1)
@@ -11,7 +11,7 @@ the end draw the returned data (matplotlib Figures, as in `lumorik_sft.plots`).
 
 Smoke run from a shell (tiny model, a few seconds on a CPU)::
 
-    python -c "from lumorik_sft.experiments import _smoke; _smoke()"
+    python -c "from lumorik_sft.course.experiments import _smoke; _smoke()"
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lumorik_sft import datasets, encoding, metrics
+from lumorik_sft import encoding, metrics
+from lumorik_sft.course import synthetic
 from lumorik_sft.training import TrainConfig, train
 
 ModelFactory = Callable[[], PreTrainedModel]
@@ -98,8 +99,12 @@ def base_model_factory(
 
 
 def quiet_config(**overrides: Any) -> TrainConfig:
-    """A `TrainConfig` without progress bars or log lines (notebook cells stay short)."""
-    settings: dict[str, Any] = {"progress": False, "log_every": 0}
+    """A `TrainConfig` without progress bars or log lines (notebook cells stay short).
+
+    It trains in fp32 unless told otherwise, so a notebook prints the same numbers on a CPU with
+    native bf16 (where precision='auto' would pick bf16) as on one without.
+    """
+    settings: dict[str, Any] = {"progress": False, "log_every": 0, "precision": "fp32"}
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -358,24 +363,24 @@ def metric_pitfall_candidates(seed: int = 7) -> dict[str, Any]:
     - ``other product``: the description of a different product in the same tone.
     """
     rng = random.Random(seed)
-    attrs = datasets.sample_product_attributes(rng)
-    other = datasets.sample_product_attributes(rng)
+    attrs = synthetic.sample_product_attributes(rng)
+    other = synthetic.sample_product_attributes(rng)
     while other["colour"] == attrs["colour"] or other["material"] == attrs["material"]:
-        other = datasets.sample_product_attributes(rng)
+        other = synthetic.sample_product_attributes(rng)
     wording = seed * 1000 + 1  # same wording seed -> the same template choices
-    reference = datasets.sample_description(attrs, random.Random(wording))
+    reference = synthetic.sample_description(attrs, random.Random(wording))
     wrong = dict(attrs, colour=other["colour"], material=other["material"])
     paraphrase = (f"Made from {attrs['material']} and coloured {attrs['colour']}, this "
                   f"{attrs['category']} comes with these features: {', '.join(attrs['features'])}.")
     other_same_tone = dict(other, tone=attrs["tone"], length=attrs["length"])
     return {
-        "prompt": datasets.render_product_prompt(attrs),
+        "prompt": synthetic.render_product_prompt(attrs),
         "reference": reference,
         "candidates": {
             "reference": reference,
-            "wrong facts": datasets.sample_description(wrong, random.Random(wording)),
+            "wrong facts": synthetic.sample_description(wrong, random.Random(wording)),
             "paraphrase": paraphrase,
-            "other product": datasets.sample_description(other_same_tone, random.Random(wording)),
+            "other product": synthetic.sample_description(other_same_tone, random.Random(wording)),
         },
     }
 
@@ -500,7 +505,7 @@ def _smoke() -> None:
     """A two-point learning-rate sweep on a tiny random model: proves the drivers run."""
     from lumorik_sft.models import build_model, train_bpe_tokenizer
 
-    records = datasets.product_descriptions(40)
+    records = synthetic.product_descriptions(40)
     tokenizer = train_bpe_tokenizer([r["prompt"] + "\n" + r["completion"] for r in records],
                                     vocab_size=400)
     base = build_model("gpt2", tokenizer, n_layer=2, width=32, n_head=2, context=256)

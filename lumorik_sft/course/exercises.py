@@ -16,8 +16,8 @@ cells, text between ``<!-- SOLUTION -->`` and ``<!-- END SOLUTION -->`` is remov
 execution counts are stripped; everything else is copied unchanged. Output is deterministic
 (nbformat's stable JSON), so CI can compare::
 
-    python -m lumorik_sft.exercises build            # write exercises/ from solutions/
-    python -m lumorik_sft.exercises build --check    # exit 1 if exercises/ differ (CI)
+    python -m lumorik_sft.course.exercises build            # write exercises/ from solutions/
+    python -m lumorik_sft.course.exercises build --check    # exit 1 if exercises/ differ (CI)
 
 (`lumorik-sft exercises build [--check]` is the same command.)
 """
@@ -195,7 +195,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lumorik_sft.exercises", description=__doc__.split("\n")[0]
+        prog="python -m lumorik_sft.course.exercises", description=__doc__.split("\n")[0]
     )
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))

@@ -10,7 +10,7 @@ Three sets, one per example in the chapter:
 
 ``noisy_product_descriptions_jsonl`` dirties the products set for the curation lesson.
 
-    python -c "from lumorik_sft.datasets import product_descriptions as p; print(p(1)[0])"
+    python -c "from lumorik_sft.course.synthetic import product_descriptions as p; print(p(1)[0])"
 
 This module deliberately does not import the Hugging Face ``datasets`` library (see
 ``lumorik_sft.data.to_hf_dataset`` for that).
@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 SYNTHETIC_NOTICE = (
-    "SYNTHETIC TEACHING DATA: every record in lumorik_sft.datasets is generated from templates for "
+    "SYNTHETIC TEACHING DATA: every record in lumorik_sft.course.synthetic is generated from templates for "
     "this course. Products, people, companies and cases are made up; the health answers are "
     "simplified general information, not medical advice, and must not be used for real decisions."
 )
