@@ -180,7 +180,7 @@ def test_registry_and_notice() -> None:
 
 
 def test_asking_for_more_records_than_exist_fails_at_once() -> None:
-    from lumorik_sft.course.synthetic import _CATEGORIES, _COLOURS, LENGTHS, TONES
+    from lumorik_sft.course.synthetic.products import _CATEGORIES, _COLOURS, LENGTHS, TONES
 
     every_prompt = {render_product_prompt({
         "category": cat, "material": mat, "colour": col, "features": list(feats), "tone": tone,

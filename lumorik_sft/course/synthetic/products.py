@@ -1,20 +1,5 @@
-"""Synthetic course data, generated from a seed: nothing to download, identical on every machine.
-
-Three sets, one per example in the chapter:
-
-* ``products``: the worked example, 1,000 product-description pairs (-> 900/100 split). The
-  description follows from the attributes listed in the prompt, with only small seeded wording
-  variation, so the task is learnable and BLEU against a reference is meaningful.
-* ``health``: a health-information Q&A chatbot (general information only, never dosing).
-* ``cases``: legal case summarization (short made-up case -> 1-2 sentence summary).
-
-``noisy_product_descriptions_jsonl`` dirties the products set for the curation lesson.
-
-    python -c "from lumorik_sft.course.synthetic import product_descriptions as p; print(p(1)[0])"
-
-This module deliberately does not import the Hugging Face ``datasets`` library (see
-``lumorik_sft.data.to_hf_dataset`` for that).
-"""
+"""The worked example's data: product-description pairs, and the noisy raw file of the curation
+lesson (duplicates, stray whitespace, empty fields, over-long rows, one malformed line)."""
 
 from __future__ import annotations
 
@@ -23,34 +8,11 @@ import math
 import os
 import random
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from lumorik_sft.course.synthetic.common import Record, check_size
 from lumorik_sft.data import write_csv
-
-__all__ = [
-    "COURSE_DATASETS",
-    "SYNTHETIC_NOTICE",
-    "case_summaries",
-    "health_qa",
-    "load_course_dataset",
-    "noisy_product_descriptions_jsonl",
-    "product_agreement_bleu",
-    "product_descriptions",
-    "render_product_prompt",
-    "sample_description",
-    "sample_product_attributes",
-    "write_noisy_product_descriptions",
-    "write_product_csv",
-]
-
-SYNTHETIC_NOTICE = (
-    "SYNTHETIC TEACHING DATA: every record in lumorik_sft.course.synthetic is generated from templates for "
-    "this course. Products, people, companies and cases are made up; the health answers are "
-    "simplified general information, not medical advice, and must not be used for real decisions."
-)
-
-Record = dict[str, str]
 
 # ------------------------------------------------------------------------------------------ products
 
@@ -348,15 +310,9 @@ def distinct_products() -> int:
                           for _, materials, features in _CATEGORIES.values())
 
 
-def _check_size(name: str, n: int, available: int) -> None:
-    """Fail at once where drawing until n distinct records would never end."""
-    if n > available:
-        raise ValueError(f"{name} has {available:,} distinct records; asked for n={n:,}")
-
-
 def _unique_attributes(n: int, rng: random.Random) -> list[dict[str, Any]]:
     """n product attribute sets with pairwise different prompts (feature order does not count)."""
-    _check_size("product_descriptions", n, distinct_products())
+    check_size("product_descriptions", n, distinct_products())
     seen, out = set(), []
     while len(out) < n:
         attrs = sample_product_attributes(rng)
@@ -476,236 +432,3 @@ def write_noisy_product_descriptions(path: str | os.PathLike, seed: int = 0) -> 
     """Write :func:`noisy_product_descriptions_jsonl` byte for byte (CRLFs and BOM preserved)."""
     with open(path, "w", encoding="utf-8", newline="") as fh:
         fh.write(noisy_product_descriptions_jsonl(seed))
-
-
-# ---------------------------------------------------------------------------------------- health Q&A
-
-HEALTH_SAFETY_NOTE = "This is general information, not medical advice."
-
-# topic -> answers per question type
-_HEALTH_TOPICS: dict[str, dict[str, str]] = {
-    "the common cold": {
-        "symptoms": "a runny or blocked nose, sneezing, a sore throat and a mild cough",
-        "home": "rest, drink plenty of fluids and keep warm; symptoms usually improve within "
-                "a week to ten days",
-        "doctor": "symptoms last more than three weeks, breathing becomes difficult or a high "
-                  "temperature does not settle",
-        "prevent": "wash your hands often, avoid touching your face and keep shared surfaces clean",
-    },
-    "seasonal allergies": {
-        "symptoms": "sneezing, itchy or watery eyes and a runny nose when pollen levels are high",
-        "home": "keep windows closed on high-pollen days, shower after being outdoors and ask a "
-                "pharmacist about suitable antihistamines",
-        "doctor": "symptoms disturb sleep or daily life, or you notice wheezing or chest tightness",
-        "prevent": "check pollen forecasts, wear wraparound sunglasses outside and dry laundry indoors",
-    },
-    "a minor burn": {
-        "symptoms": "red, painful skin and sometimes small blisters over a small area",
-        "home": "cool the burn under cool running water for twenty minutes, remove jewellery nearby "
-                "and cover it loosely with cling film",
-        "doctor": "the burn is larger than your hand, on the face, hands or genitals, or the skin "
-                  "looks white or charred",
-        "prevent": "turn pan handles inwards, test bath water before getting in and keep hot "
-                   "drinks away from children",
-    },
-    "a sprained ankle": {
-        "symptoms": "pain, swelling and bruising around the ankle and difficulty putting weight on it",
-        "home": "rest it, apply a cold pack wrapped in a towel, and keep the foot raised when "
-                "you can",
-        "doctor": "you cannot stand on the foot, the ankle looks misshapen or the pain does not "
-                  "improve after a few days",
-        "prevent": "warm up before exercise, wear supportive shoes and take care on uneven ground",
-    },
-    "dehydration": {
-        "symptoms": "thirst, dark yellow urine, dizziness, tiredness and a dry mouth",
-        "home": "sip water or diluted squash regularly, and use oral rehydration solutions "
-                "after vomiting or diarrhoea",
-        "doctor": "you feel confused, cannot keep fluids down, or have not passed urine for "
-                  "many hours",
-        "prevent": "drink regularly through the day, especially in hot weather and during exercise",
-    },
-    "trouble sleeping": {
-        "symptoms": "difficulty falling asleep, waking often in the night and feeling tired "
-                    "during the day",
-        "home": "keep regular sleep times, avoid screens before bed and limit caffeine after midday",
-        "doctor": "poor sleep lasts for months or seriously affects your mood or daily life",
-        "prevent": "keep the bedroom dark and cool, and get some daylight and exercise each day",
-    },
-    "heartburn": {
-        "symptoms": "a burning feeling in the chest, often after eating, and a sour taste in "
-                    "the mouth",
-        "home": "eat smaller meals, avoid eating late at night and raise the head of your bed "
-                "slightly",
-        "doctor": "heartburn happens most days, you have trouble swallowing or you are losing "
-                  "weight without trying",
-        "prevent": "notice which foods trigger it, cut down on alcohol and avoid lying down "
-                   "after meals",
-    },
-    "a tension headache": {
-        "symptoms": "a dull ache or a feeling of pressure on both sides of the head",
-        "home": "rest, drink water, relax your neck and shoulders and take regular screen breaks",
-        "doctor": "the headache is sudden and severe, follows a head injury or comes with "
-                  "a stiff neck or fever",
-        "prevent": "manage stress, keep a good posture, sleep regularly and stay hydrated",
-    },
-    "sunburn": {
-        "symptoms": "hot, red, sore skin that may peel or blister a few days later",
-        "home": "get out of the sun, cool the skin with a cool shower and use an aloe vera "
-                "or after-sun cream",
-        "doctor": "the skin blisters over a large area, or you feel feverish, dizzy or sick",
-        "prevent": "use a high-factor sunscreen, wear a hat and stay in the shade around midday",
-    },
-    "a mild fever": {
-        "symptoms": "feeling hot or shivery, a raised temperature, aches and tiredness",
-        "home": "rest, drink plenty of fluids and wear light clothing",
-        "doctor": "the fever lasts more than a few days, is very high, or comes with a rash, "
-                  "confusion or breathing problems",
-        "prevent": "wash hands regularly and keep up to date with recommended vaccinations",
-    },
-}
-
-_HEALTH_QUESTIONS = {
-    "symptoms": ("What are the common symptoms of {topic}?",
-                 "How can I tell if I have {topic}?",
-                 "Which signs usually come with {topic}?"),
-    "home": ("How can I ease {topic} at home?",
-             "What self-care helps with {topic}?",
-             "What can I do at home about {topic}?"),
-    "doctor": ("When should I see a doctor about {topic}?",
-               "When is {topic} a reason to get medical help?",
-               "How do I know if {topic} needs a doctor?"),
-    "prevent": ("How can I prevent {topic}?",
-                "What lowers the chance of getting {topic}?",
-                "How do I avoid {topic}?"),
-}
-
-_HEALTH_ANSWER = {
-    "symptoms": "Common signs of {topic} include {text}.",
-    "home": "For {topic}, it usually helps to {text}.",
-    "doctor": "See a doctor about {topic} if {text}.",
-    "prevent": "To lower the chance of {topic}, {text}.",
-}
-
-# person the question is about -> extra advice sentence in the answer
-_HEALTH_PEOPLE = {
-    "an adult": "",
-    "a child": "For a child, contact a doctor or nurse sooner, especially if they are very young "
-               "or seem unusually unwell. ",
-    "an older adult": "For older adults, seek advice earlier, especially with other health "
-                      "conditions or regular medicines. ",
-}
-
-
-def health_qa(n: int = 200, seed: int = 0) -> list[Record]:
-    """Synthetic health-information Q&A: the answer follows from topic, question type and person.
-
-    General information only, never dosing; every answer ends with :data:`HEALTH_SAFETY_NOTE`.
-    360 distinct questions exist (10 topics x 4 question types x 3 phrasings x 3 people).
-    """
-    combos = [(t, q, i, p) for t in _HEALTH_TOPICS for q in _HEALTH_QUESTIONS
-              for i in range(3) for p in _HEALTH_PEOPLE]
-    if n > len(combos):
-        raise ValueError(f"health_qa has {len(combos)} distinct questions; asked for n={n}")
-    records = []
-    for topic, qtype, phrasing, person in random.Random(seed).sample(combos, n):
-        question = _HEALTH_QUESTIONS[qtype][phrasing].format(topic=topic)
-        answer = _HEALTH_ANSWER[qtype].format(topic=topic, text=_HEALTH_TOPICS[topic][qtype])
-        records.append({
-            "prompt": f"Answer the health question.\nAsking about: {person}\nQuestion: {question}",
-            "completion": f"{answer} {_HEALTH_PEOPLE[person]}{HEALTH_SAFETY_NOTE}",
-        })
-    return records
-
-
-# ----------------------------------------------------------------------------------- case summaries
-
-_PLAINTIFFS = ("Harbor Lane Bakery", "Mira Okafor", "Tessel Robotics Ltd", "Jonas Feld",
-               "Greenway Cooperative", "Priya Raman", "Old Mill Brewing", "Lucia Brandt")
-_DEFENDANTS = ("Northgate Property Group", "Calder Logistics", "Dr. Samuel Reyes", "Brightpath Media",
-               "Westfield Motors", "Kestrel Software Inc", "Oakridge Council", "Vela Apparel")
-_AMOUNTS = ("12,000", "48,500", "150,000", "7,250", "320,000", "95,000")
-
-# claim type -> (claim phrase, two alternative fact patterns)
-_CLAIMS: dict[str, tuple[str, tuple[str, str]]] = {
-    "breach of contract": ("breach of contract", (
-        "{d} agreed in writing to deliver equipment by March but delivered it four months late.",
-        "{d} stopped paying monthly invoices halfway through a two-year service agreement.")),
-    "negligence": ("negligence", (
-        "{p} was injured after slipping on an unmarked wet floor in premises run by {d}.",
-        "A delivery van operated by {d} reversed into a parked vehicle owned by {p}.")),
-    "unpaid deposit": ("the return of a rental deposit", (
-        "{d} kept the full deposit when {p} moved out, citing wear and tear.",
-        "{d} refused to return the deposit, claiming the flat needed repainting.")),
-    "unfair dismissal": ("unfair dismissal", (
-        "{p} was dismissed by {d} without a warning or a hearing after ten years of service.",
-        "{d} ended the employment of {p} two weeks after a complaint about safety.")),
-    "copyright infringement": ("copyright infringement", (
-        "{d} used photographs taken by {p} in an advertising campaign without a licence.",
-        "{d} published software code written by {p} under its own name.")),
-    "defamation": ("defamation", (
-        "{d} published an article stating that {p} had been convicted of fraud, which was untrue.",
-        "{d} posted online reviews claiming {p} sold counterfeit goods.")),
-}
-
-# outcome -> (sentence in the case text, summary clause)
-_OUTCOMES = {
-    "plaintiff": ("The court found for {p} and awarded {amount_text}.",
-                  "the court found for {p} and awarded {amount_text}"),
-    "defendant": ("The court dismissed the claim, finding that {d} was not liable.",
-                  "the court dismissed the claim, finding {d} not liable"),
-    "partial": ("The court found {d} partly liable and awarded half of the sum claimed.",
-                "the court found {d} partly liable and awarded half the sum claimed"),
-    "settled": ("Before judgment, the parties settled on confidential terms.",
-                "the parties settled on confidential terms before judgment"),
-}
-
-
-def case_summaries(n: int = 200, seed: int = 0) -> list[Record]:
-    """Synthetic legal cases (parties, claim, facts, outcome) with 1-2 sentence summaries.
-
-    The summary is determined by the case: who sued whom, for what and for how much, and the
-    outcome; a second sentence gives the key fact.
-    """
-    _check_size("case_summaries", n, len(_PLAINTIFFS) * len(_DEFENDANTS) * len(_CLAIMS) * 2
-                * len(_AMOUNTS) * len(_OUTCOMES))
-    rng = random.Random(seed)
-    seen: set[tuple] = set()
-    records: list[Record] = []
-    while len(records) < n:
-        key = (rng.choice(_PLAINTIFFS), rng.choice(_DEFENDANTS), rng.choice(sorted(_CLAIMS)),
-               rng.randrange(2), rng.choice(_AMOUNTS), rng.choice(sorted(_OUTCOMES)))
-        if key not in seen:
-            seen.add(key)
-            records.append(_case_record(*key))
-    return records
-
-
-def _case_record(p: str, d: str, claim: str, fact: int, amount: str, outcome: str) -> Record:
-    claim_phrase, facts = _CLAIMS[claim]
-    slots = {"p": p, "d": d, "amount_text": f"{amount} dollars in damages"}
-    fact_text = facts[fact].format(**slots)
-    outcome_text, outcome_clause = (s.format(**slots) for s in _OUTCOMES[outcome])
-    case = (f"{p} brought a claim against {d} for {claim_phrase}, seeking {amount} dollars. "
-            f"{fact_text} {d} denied the claim and argued that it had acted reasonably. "
-            f"The matter was heard in the district court. {outcome_text}")
-    summary = (f"{p} sued {d} for {claim_phrase}, seeking {amount} dollars, and {outcome_clause}. "
-               f"Key fact: {fact_text}")
-    return {"prompt": f"Summarize the case in one or two sentences.\nCase: {case}",
-            "completion": summary}
-
-
-# ------------------------------------------------------------------------------------- registry
-
-COURSE_DATASETS: dict[str, Callable[..., list[Record]]] = {
-    "products": product_descriptions,
-    "health": health_qa,
-    "cases": case_summaries,
-}
-
-
-def load_course_dataset(name: str, n: int | None = None, seed: int = 0) -> list[Record]:
-    """One of :data:`COURSE_DATASETS` by name; ``n=None`` uses that set's default size."""
-    if name not in COURSE_DATASETS:
-        raise ValueError(f"unknown course dataset {name!r}; choose from {sorted(COURSE_DATASETS)}")
-    make = COURSE_DATASETS[name]
-    return make(seed=seed) if n is None else make(n=n, seed=seed)
