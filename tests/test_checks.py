@@ -470,3 +470,49 @@ def test_to_data_turns_tensors_into_lists():
     }
     with pytest.raises(checks.NotData):
         checks.to_data(object())
+
+
+CHECKS_DIR = Path(checks.__file__).resolve().parent
+MAX_LINES = 600
+
+
+@pytest.mark.parametrize("path", sorted(CHECKS_DIR.glob("*.py")), ids=lambda p: p.name)
+def test_no_checks_module_is_over_600_lines(path):
+    n = len(path.read_text().splitlines())
+    assert n <= MAX_LINES, f"{path.name} has {n} lines; split it by chapter"
+
+
+def test_each_exercise_is_declared_next_to_its_functions():
+    """An exercise's reference and compare live in the chapter module that registers it, one module a notebook."""
+    registered = []
+    for module in checks.CHAPTERS:
+        assert module.CHAPTER.exercises, f"{module.__name__} registers no exercise"
+        for ex in module.CHAPTER.exercises:
+            assert ex.notebook == module.CHAPTER.notebook
+            for piece in ("reference", "compare"):
+                where = getattr(ex, piece).__module__
+                assert where == module.__name__, f"{ex.name}: {piece} is defined in {where}, not {module.__name__}"
+            registered.append(ex)
+    assert {ex.name: ex for ex in registered} == checks.EXERCISES
+    assert len(registered) == len(checks.EXERCISES)  # no name registered twice
+    assert tuple(dict.fromkeys(ex.notebook for ex in registered)) == checks.NOTEBOOKS
+    fields = {k: v for k, v in vars(checks.EXERCISES["q1"]).items() if k != "notebook"}
+    chapter = checks.framework.Chapter("06_practice_questions.ipynb")
+    assert chapter.register(**fields) == checks.EXERCISES["q1"]
+    with pytest.raises(ValueError, match="registered twice"):
+        chapter.register(**fields)
+
+
+def test_importing_the_checks_imports_every_module_and_ignore_index_is_not_redefined():
+    """The grader's child restores every loaded ``lumorik_sft.course.checks.*`` module after student code;
+    importing the checks stays quick (no torch); IGNORE_INDEX has one definition, in encoding."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lumorik_sft.course.checks as c\n"
+            "assert 'torch' not in sys.modules, 'the checks import the package inside functions'\n"
+            "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.startswith(c.__name__)))")
+    files = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert {Path(f).resolve() for f in files.split()} == set(CHECKS_DIR.glob("*.py"))
+    for path in CHECKS_DIR.glob("*.py"):
+        assert "IGNORE_INDEX =" not in path.read_text(), f"{path.name} redefines encoding.IGNORE_INDEX"

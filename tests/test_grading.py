@@ -7,8 +7,11 @@ committed solutions/exercises plus a few cells. Runs take about a minute on 2 bu
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -16,7 +19,7 @@ import pytest
 from test_checks import WRONG, WRONG_ANSWERS
 
 from lumorik_sft.course import checks, grading, sandbox
-from lumorik_sft.course.grading import GradingConfig
+from lumorik_sft.course.grading import GradingConfig, child, supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_TOTAL = sum(ex.points for ex in checks.EXERCISES.values())
@@ -100,7 +103,7 @@ HOSTILE = {
             "solutions",
             NB1,
             append=(
-                "import lumorik_sft.course.checks as c, lumorik_sft.data as d, lumorik_sft.course.grading as g\n"
+                "import lumorik_sft.course.checks as c, lumorik_sft.data as d, lumorik_sft.course.grading.supervisor as g\n"
                 "c.judge = lambda *a, **k: None\n"
                 "c.check_clean_and_dedupe = lambda fn: print('passed')\n"
                 "c.run_case = lambda ex, obj, case, fn_globals=None: ex.reference(case)\n"
@@ -274,19 +277,19 @@ def test_gradebook_and_feedback_files(graded):
 
 
 def test_child_environment_points_nowhere_near_the_repo(tmp_path):
-    env = grading._child_env(tmp_path)
+    env = supervisor._child_env(tmp_path)
     assert not any(str(ROOT) in value for value in env.values())
     assert "PYTHONPATH" not in env
 
 
 def test_checks_calls_and_magics_are_not_run():
     ns: dict = {}
-    code = grading._compile_cell(
+    code = child._compile_cell(
         "%matplotlib inline\nx = 1\nchecks.check_q1(x)\nok = checks.check_q2(x)\n", 0
     )
     exec(code, ns)
     assert ns["x"] == 1 and "ok" not in ns
-    assert grading._compile_cell("%%time\nx = 1", 1) is None
+    assert child._compile_cell("%%time\nx = 1", 1) is None
 
 
 def test_cli_hooks_parse_and_reject_bad_values(tmp_path, capsys):
@@ -299,3 +302,48 @@ def test_cli_hooks_parse_and_reject_bad_values(tmp_path, capsys):
     args = parser.parse_args([str(tmp_path), "--out", str(tmp_path / "o"), "--exercise", "nope"])
     assert grading.run_from_args(args) == 2
     assert "unknown exercise" in capsys.readouterr().out
+
+
+GRADING = ROOT / "lumorik_sft" / "course" / "grading"
+
+
+def test_the_child_imports_nothing_of_the_supervisor_or_the_cli():
+    """The trust boundary reads on its own: child.py names no other module of the package (nor the sandbox)."""
+    imported = set()
+    for node in ast.walk(ast.parse((GRADING / "child.py").read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative import in child.py"
+            imported.add(node.module)
+            imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+    offending = sorted(
+        n for n in imported if n.startswith(("lumorik_sft.course.grading", "lumorik_sft.course.sandbox"))
+    )
+    assert not offending, offending
+
+
+def test_the_child_process_loads_the_child_module_only():
+    """Importing the child (as the bootstrap does) loads neither the supervisor, the CLI nor torch."""
+    probe = (
+        "import json, sys\nfrom lumorik_sft.course.grading.child import _child_main\n"
+        "print(json.dumps([m for m in sys.modules if m.startswith('lumorik_sft') or m == 'torch']))"
+    )
+    done = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    loaded = set(json.loads(done.stdout))
+    assert loaded == {"lumorik_sft", "lumorik_sft.course", "lumorik_sft.course.grading", child.__name__}
+    assert child.__name__ in supervisor._BOOTSTRAP
+
+
+@pytest.mark.parametrize("path", sorted(GRADING.glob("*.py")), ids=lambda p: p.name)
+def test_grading_modules_are_under_600_lines(path):
+    assert len(path.read_text().splitlines()) < 600, path.name
+
+
+def test_python_m_grading_still_runs():
+    done = subprocess.run(
+        [sys.executable, "-m", "lumorik_sft.course.grading", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "SUBMISSIONS" in done.stdout.upper(), done.stderr
+    assert all(getattr(grading, name) is not None for name in grading.__all__)

@@ -1,44 +1,16 @@
-"""Grade a class's exercise notebooks so that no student's code can change a verdict.
+"""The grader's side: find the submissions, run each student in a sandboxed child, judge, write results.
 
-    python -m lumorik_sft.course.grading SUBMISSIONS --out OUT [--workers 2] [--timeout 20] [--memory-mb 4096]
-
-(or `lumorik-sft grade ...`). ``SUBMISSIONS`` holds
-one folder per student with their copies of the exercise notebooks, under the same file names; a
-missing notebook scores 0 for its exercises. Writes ``OUT/gradebook.csv`` (a row per student, a column
-per exercise, a total), ``OUT/feedback/<student>.md`` and ``OUT/results.json``.
-
-How a verdict is made, and why student code cannot change it:
-
-1. The grader draws a secret seed per run (``--seed`` only for reproducing a run) and builds every
-   exercise's hidden cases with the same ``make_cases`` the notebook checks use
-   (:mod:`lumorik_sft.course.checks`); answers precomputed for the check cases do not help.
-2. Each student's code runs in ONE fresh interpreter (``sys.executable -I``), in an empty temporary
-   working directory, with a scrubbed environment (no path to the solutions or the submissions), an
-   address-space limit (``RLIMIT_AS``), a CPU-time limit, a per-exercise alarm inside the child, and a
-   per-phase watchdog in the parent that kills the whole process group. On Linux it also runs in
-   its own root filesystem and PID namespace (:mod:`lumorik_sft.course.sandbox`): only the system, Python
-   and the ``lumorik_sft`` package directory are there, read-only, so ``solutions/``, ``.git``, other
-   students' work and the gradebook do not exist for it; the student's code runs as ``nobody`` or
-   without capabilities, so it cannot undo that. The child receives the
-   notebooks' code and the hidden inputs on stdin; it runs the code cells (minus magics and the
-   ``checks.`` calls, each cell in its own try/except), calls the student's functions on the inputs and
-   writes their outputs back as JSON data on a dedicated pipe, one record per exercise. Nothing is
-   unpickled, and stdout is discarded (printing "passed" is noise).
-3. The grader computes the expected outputs with the package's reference functions and compares them
-   with the returned data in its own process (``checks.judge``): monkeypatching
-   ``lumorik_sft.course.checks`` or a reference inside the child changes nothing here. In the child,
-   those modules are also restored from a snapshot before each exercise, and calling the reference
-   an exercise mirrors fails it.
-4. If the child dies (``os._exit``, a segfault, the OOM killer) or hangs, the exercise in progress gets
-   ``error``, ``out of memory`` or ``timeout`` and a fresh child goes on with the remaining ones.
-
-Statuses: passed, failed, error, timeout, out of memory, missing. Each exercise earns
-``points * passed_cases / cases``. One student's failure never stops the others.
+For each student folder, :func:`grade_student` reads the notebooks' code cells, starts a child
+(:mod:`lumorik_sft.course.grading.child`) in a fresh interpreter inside the sandbox
+(:mod:`lumorik_sft.course.sandbox`), with the hidden cases on its stdin, follows the records on its
+result pipe with a per-phase watchdog (a hang or a crash fails only the exercise in progress, and a
+fresh child goes on with the rest), and judges the returned outputs against expected outputs
+computed here, never in the child. :func:`grade` does this for a whole class in parallel and writes
+``gradebook.csv``, ``feedback/<student>.md`` and ``results.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import hashlib
@@ -60,22 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from lumorik_sft.course import sandbox
+from lumorik_sft.course.grading.child import MAX_RECORD_BYTES, is_oom
 from lumorik_sft.course.sandbox import Sandbox
 
-__all__ = [
-    "ExerciseGrade",
-    "GradingConfig",
-    "StudentGrade",
-    "add_arguments",
-    "grade",
-    "grade_student",
-    "main",
-    "run_from_args",
-]
+__all__ = ["ExerciseGrade", "GradingConfig", "StudentGrade", "grade", "grade_student"]
 
-STATUSES = ("passed", "failed", "error", "timeout", "out of memory", "missing")
 _GRACE_S = 5.0  # the parent's watchdog allows this much beyond the child's own alarm
-_MAX_RECORD_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -111,9 +73,6 @@ class StudentGrade:
     @property
     def total(self) -> float:
         return round(sum(e.score for e in self.exercises.values()), 4)
-
-
-# ================================================================================= parent side
 
 
 def _exercise_seed(seed: int, name: str) -> int:
@@ -169,7 +128,7 @@ limit = int(sys.argv[1]) * 1024 * 1024
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 cpu = int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
-from lumorik_sft.course.grading import _child_main
+from lumorik_sft.course.grading.child import _child_main
 _child_main(int(sys.argv[3]))
 """
 
@@ -253,7 +212,7 @@ def _run_child(job: dict[str, Any], config: GradingConfig, scratch: Path, box: S
             if not chunk:
                 break
             received += len(chunk)
-            if received > _MAX_RECORD_BYTES * 4:
+            if received > MAX_RECORD_BYTES * 4:
                 _kill(proc)
                 phase = phase or {}
                 phase["overflow"] = True
@@ -343,17 +302,6 @@ def _read_notebooks(folder: Path, names: Sequence[str]) -> tuple[dict[str, list[
     return cells, problems
 
 
-def _oom(out: Any) -> bool:
-    if not isinstance(out, dict):
-        return False
-    if out.get("oom"):
-        return True
-    raised, message = out.get("raised"), str(out.get("message", "")).lower()
-    return raised == "MemoryError" or (
-        raised == "RuntimeError" and ("alloc" in message or "out of memory" in message)
-    )
-
-
 def _judge_exercise(grade: ExerciseGrade, ex: Any, cases: list, expected: list, outputs: list) -> None:
     from lumorik_sft.course import checks
 
@@ -365,7 +313,7 @@ def _judge_exercise(grade: ExerciseGrade, ex: Any, cases: list, expected: list, 
             timeouts += 1
             feedback.append(f"case {i}: timed out")
             continue
-        if _oom(got):
+        if is_oom(got):
             ooms += 1
             feedback.append(f"case {i}: ran out of memory")
             continue
@@ -616,253 +564,3 @@ def grade(
     ordered = [results[f.name] for f in folders]
     _write_outputs(Path(out), plan, ordered, seed_note, box.description)
     return ordered
-
-
-# ================================================================================== child side
-
-
-class _Timeout(BaseException):
-    """Raised by SIGALRM in the child; a BaseException so `except Exception` cannot swallow it."""
-
-
-def _alarm(signum: int, frame: Any) -> None:
-    raise _Timeout()
-
-
-def _is_checks_call(node: Any) -> bool:
-    """A top-level statement that calls ``checks.<...>`` or a ``check_*`` function: not run."""
-    import ast
-
-    for sub in ast.walk(node):
-        if isinstance(sub, ast.Call):
-            f = sub.func
-            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "checks":
-                return True
-            if isinstance(f, ast.Name) and f.id.startswith("check_"):
-                return True
-    return False
-
-
-def _compile_cell(source: str, index: int) -> Any:
-    """Compile a code cell without its magics and its ``checks.`` calls; raises SyntaxError."""
-    import ast
-
-    if source.lstrip().startswith("%%"):
-        return None
-    lines = []
-    for line in source.split("\n"):
-        stripped = line.lstrip()
-        if stripped.startswith(("%", "!")):
-            lines.append(line[: len(line) - len(stripped)] + "pass")
-        else:
-            lines.append(line)
-    tree = ast.parse("\n".join(lines), filename=f"<cell {index}>")
-    tree.body = [node for node in tree.body if not _is_checks_call(node)]
-    return compile(tree, f"<cell {index}>", "exec")
-
-
-class _Snapshot:
-    """The dicts of the modules the grading relies on, restored before each exercise runs.
-
-    Names added to our own modules are removed (a module global would shadow a builtin there);
-    third-party modules keep added names, since importing a submodule adds one.
-    """
-
-    def __init__(self, own: list[Any], others: list[Any]) -> None:
-        self.saved = [(m.__dict__, dict(m.__dict__), True) for m in own]
-        self.saved += [(m.__dict__, dict(m.__dict__), False) for m in others]
-
-    def restore(self) -> None:
-        for d, saved, strict in self.saved:
-            if strict:
-                for key in [k for k in d if k not in saved]:
-                    del d[key]
-            d.update(saved)
-
-
-def _child_main(result_fd: int) -> None:  # pragma: no cover - runs in the child process
-    import builtins
-    import copy
-    import io
-
-    job = json.loads(sys.stdin.buffer.read().decode("utf-8"))
-    sys.stdin = io.StringIO("")
-    channel = os.fdopen(result_fd, "w", encoding="utf-8", buffering=1)
-    write_line, dumps = channel.write, json.dumps  # bound now: a patched module cannot reach them
-
-    def emit(record: dict[str, Any]) -> None:
-        try:
-            text = dumps(record, allow_nan=True)
-        except (TypeError, ValueError) as err:
-            text = dumps(
-                {
-                    **{k: v for k, v in record.items() if k != "outputs"},
-                    "outputs": [{"raised": "NotData", "message": str(err)}],
-                }
-            )
-        if len(text) > _MAX_RECORD_BYTES:
-            text = dumps(
-                {
-                    **{k: v for k, v in record.items() if k != "outputs"},
-                    "outputs": [{"raised": "NotData", "message": "the output is far too large"}],
-                }
-            )
-        write_line(text + "\n")
-
-    import torch
-
-    torch.set_num_threads(1)
-    from lumorik_sft import data, encoding, metrics, training
-    from lumorik_sft.course import checks
-
-    exercises = {e["name"]: checks.EXERCISES[e["name"]] for e in job["exercises"]}
-    run_case, raised_data = checks.run_case, checks._raised
-    snapshot = _Snapshot([checks, data, encoding, metrics, training], [builtins, json, copy, torch])
-    checks.toy_tokenizer()  # built before any student code runs
-    signal.signal(signal.SIGALRM, _alarm)
-    timeout = float(job["timeout"])
-    emit({"event": "ready"})
-    namespaces: dict[str, dict[str, Any]] = {}
-    for item in job["exercises"]:
-        nb = item["notebook"]
-        if nb not in namespaces:
-            cells = job["notebooks"][nb]
-            emit({"event": "begin", "phase": "load", "notebook": nb, "n_cells": len(cells)})
-            ns: dict[str, Any] = {
-                "__name__": "__main__",
-                "__builtins__": builtins,
-                "display": lambda *a, **k: None,
-            }
-            errors = []
-            for index, source in enumerate(cells):
-                try:
-                    signal.setitimer(signal.ITIMER_REAL, timeout)
-                    code = _compile_cell(source, index)
-                    if code is not None:
-                        exec(code, ns)
-                except _Timeout:
-                    errors.append(f"cell {index}: timed out after {timeout:g} s")
-                except BaseException as err:  # SystemExit, KeyboardInterrupt, anything: next cell
-                    errors.append(f"cell {index}: {type(err).__name__}: {str(err)[:150]}")
-                finally:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-            namespaces[nb] = ns
-            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-            emit({"event": "loaded", "notebook": nb, "errors": errors})
-        ns = namespaces[nb]
-        snapshot.restore()
-        emit({"event": "begin", "phase": "exercise", "exercise": item["name"]})
-        ex = exercises[item["name"]]
-        obj = ns.get(item["symbol"])
-        outputs: list[Any] = []
-        try:
-            signal.setitimer(signal.ITIMER_REAL, timeout)
-            for case in item["cases"]:
-                try:
-                    outputs.append(run_case(ex, obj, case, fn_globals=ns))
-                except _Timeout:
-                    raise
-                except MemoryError:
-                    outputs.append({"oom": True})
-                except BaseException as err:  # SystemExit and friends
-                    outputs.append(raised_data(err))
-                if _oom(outputs[-1]):  # the other cases would only exhaust memory again
-                    outputs += [{"oom": True}] * (len(item["cases"]) - len(outputs))
-                    break
-        except _Timeout:
-            outputs += [{"timeout": True}] * (len(item["cases"]) - len(outputs))
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-        emit({"event": "result", "exercise": item["name"], "outputs": outputs})
-    emit({"event": "done"})
-    channel.flush()
-    os._exit(0)  # skip interpreter teardown (and any atexit hook a student registered)
-
-
-# ========================================================================================= CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``lumorik-sft grade``."""
-    parser.add_argument(
-        "submissions", help="folder with one sub-folder per student (their exercise notebooks)"
-    )
-    parser.add_argument(
-        "--out", required=True, help="where to write gradebook.csv, feedback/ and results.json"
-    )
-    parser.add_argument("--workers", type=int, default=2, help="students graded in parallel (default: 2)")
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=GradingConfig.timeout,
-        help="seconds per exercise and per notebook cell (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--memory-mb",
-        type=int,
-        default=GradingConfig.memory_mb,
-        help="address-space limit of each student's process in MB (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--exercise",
-        action="append",
-        default=None,
-        help="grade only this exercise (repeatable; default: all)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="fix the hidden cases' seed, to reproduce a run (default: a secret random seed)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--no-isolation",
-        action="store_true",
-        help="do not run student code in namespaces (only where they misbehave: the solutions may then "
-        "be readable by student code)",
-    )
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    from lumorik_sft.course import checks
-
-    unknown = [n for n in (args.exercise or []) if n not in checks.EXERCISES]
-    if unknown:
-        print(f"unknown exercise(s) {', '.join(unknown)}; choose from {', '.join(checks.EXERCISES)}")
-        return 2
-    if args.workers < 1 or args.timeout <= 0 or args.memory_mb < 512:
-        print("--workers must be >= 1, --timeout > 0 and --memory-mb >= 512")
-        return 2
-    config = GradingConfig(timeout=args.timeout, memory_mb=args.memory_mb, isolate=not args.no_isolation)
-    start = time.perf_counter()
-    students = grade(
-        args.submissions,
-        args.out,
-        workers=args.workers,
-        config=config,
-        seed=args.seed,
-        exercises=args.exercise,
-        progress=not args.no_progress,
-    )
-    seconds = time.perf_counter() - start
-    for s in students:
-        statuses = ", ".join(f"{g.name}={g.status}" for g in s.exercises.values() if g.status != "passed")
-        print(f"{s.student}: {s.total:g}" + (f"  ({statuses})" if statuses else ""))
-    print(f"graded {len(students)} student(s) in {seconds:.1f} s; wrote {args.out}/gradebook.csv")
-    for name in args.exercise or checks.EXERCISES:
-        if checks.EXERCISES[name].review:
-            print(f"read by hand: {name}: {checks.EXERCISES[name].review}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lumorik_sft.course.grading",
-                                     description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

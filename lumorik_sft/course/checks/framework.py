@@ -1,0 +1,397 @@
+"""The checking machinery every exercise shares: what an exercise is, how its cases run and are judged.
+
+An exercise is one :class:`Exercise`, made of four pure pieces:
+
+* ``make_cases(seed)`` -> list of JSON-able inputs (a tokenizer is named, e.g. ``"toy"``);
+* ``reference(case)`` -> the expected output *as data*, from the package's reference function;
+* ``run(fn, case)`` -> calls a student's function and turns what it returns into data (lists,
+  floats, dicts: tensors become lists, see :func:`to_data`);
+* ``compare(case, expected, got)`` -> ``None`` when right, else one actionable line.
+
+:func:`run_case` calls ``run`` with a tripwire that notes calls to the package's references (the
+exercise's ``forbidden`` functions); :func:`judge` turns one case's expected and got data into
+feedback, and :func:`check_exercise` runs all of an exercise's cases in this process and prints
+the feedback a notebook shows. The instructor grader (:mod:`lumorik_sft.course.grading`) calls
+``run_case`` in a sandboxed child process and ``reference`` and ``judge`` in its own.
+
+Each chapter module (``ch01_data.py`` ...) declares its exercises through a :class:`Chapter`,
+next to the functions they name. This module also holds what chapters share: the toy corpus
+(:data:`TOY_TEXTS`) and tokenizer, the words and "messy" text that cases are made of, and the
+small comparison helpers (:func:`close`, :func:`short`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+import math
+import random
+import traceback
+import unicodedata
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "CHECK_SEED",
+    "TOY_TEXTS",
+    "WORDS",
+    "Chapter",
+    "Exercise",
+    "NotData",
+    "check_exercise",
+    "close",
+    "is_raised",
+    "judge",
+    "make_check",
+    "messy",
+    "not_a_number",
+    "one_case",
+    "raised",
+    "run_answer",
+    "run_case",
+    "sentence",
+    "short",
+    "to_data",
+    "toy_tokenizer",
+]
+
+CHECK_SEED = 0  # the notebook checks' cases; the grader draws a secret seed per grading run
+
+TOY_TEXTS = [
+    "Write a product description.\nCategory: backpack\nMaterial: canvas\nColour: navy",
+    "A sturdy navy canvas backpack with a padded laptop sleeve and a water-resistant zip.",
+    "Question: What is a fever?\nAnswer: A fever is a body temperature above the normal range.",
+    "Summarise the case: The tenant sued the landlord over an unreturned deposit.",
+    "The court found for the tenant and ordered the deposit returned with interest.",
+    "def add(a, b):\n    return a + b  # Python functions return values.",
+] * 20
+
+WORDS = [
+    "navy",
+    "canvas",
+    "backpack",
+    "laptop",
+    "sleeve",
+    "zip",
+    "fever",
+    "body",
+    "temperature",
+    "tenant",
+    "landlord",
+    "deposit",
+    "court",
+    "interest",
+    "python",
+    "function",
+    "returns",
+    "values",
+    "sturdy",
+    "padded",
+    "product",
+    "description",
+    "question",
+    "answer",
+    "café",
+    "naïve",
+    "résumé",
+    "polymorphism",
+    "class",
+    "parent",
+    "object",
+]
+
+
+@functools.lru_cache(maxsize=1)
+def toy_tokenizer():
+    """The course's toy byte-level BPE tokenizer (EOS id 0, pad id 1), trained in milliseconds."""
+    from lumorik_sft.models import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(TOY_TEXTS, vocab_size=300, min_frequency=2)
+
+
+# ------------------------------------------------------------------------------------ making cases
+
+
+def sentence(rng: random.Random, lo: int = 2, hi: int = 6) -> str:
+    """`lo` to `hi` random words from :data:`WORDS`."""
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def messy(text: str, rng: random.Random) -> str:
+    """The same text as a human would see it, with invisible differences clean_text removes."""
+    choice = rng.randrange(6)
+    if choice == 0:
+        return "  " + text.replace(" ", "  ", 1) + " \t"
+    if choice == 1:
+        return text.replace(" ", "\u00a0", 1) + "\r\n"
+    if choice == 2:
+        return unicodedata.normalize("NFD", text)
+    if choice == 3:
+        return text.replace(" ", " \u200b", 1)
+    if choice == 4:
+        return "\t" + text
+    return text + "   "
+
+
+def one_case(seed: int) -> list[dict[str, Any]]:
+    """The cases of an answer with nothing to vary: one empty case."""
+    return [{}]
+
+
+def run_answer(value: Any, case: dict[str, Any]) -> Any:
+    """``run`` of an ``"answer"`` exercise: the student's value (e.g. ANSWER_Q1), as data."""
+    return to_data(value)
+
+
+# -------------------------------------------------------------------------------------------- data
+
+
+class NotData(TypeError):
+    """A student's function returned something that is not plain data (nor a tensor)."""
+
+
+def to_data(obj: Any, _depth: int = 0) -> Any:
+    """Lists, dicts, numbers and strings only: tensors and arrays become (nested) lists."""
+    if _depth > 20:
+        raise NotData("the returned value is nested too deeply")
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # torch tensors, numpy arrays and scalars
+        return to_data(obj.tolist(), _depth + 1)
+    if isinstance(obj, Mapping):
+        return {str(k): to_data(v, _depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        if len(obj) > 200_000:
+            raise NotData(f"the returned sequence has {len(obj)} items, far more than expected")
+        return [to_data(v, _depth + 1) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted(to_data(v, _depth + 1) for v in obj)
+    raise NotData(f"returned a {type(obj).__name__}, which is not plain data")
+
+
+def raised(err: BaseException) -> dict[str, Any]:
+    """An exception as data: ``{"raised": name, "message": ..., "traceback": ...}``."""
+    tb = traceback.format_exception(type(err), err, err.__traceback__)
+    return {"raised": type(err).__name__, "message": str(err)[:500], "traceback": "".join(tb)[-1500:]}
+
+
+def is_raised(x: Any) -> bool:
+    """Whether `x` is what :func:`raised` returns."""
+    return isinstance(x, dict) and "raised" in x and set(x) <= {"raised", "message", "traceback"}
+
+
+def close(a: Any, b: Any, rel: float = 1e-5, abs_: float = 1e-6) -> bool:
+    """Two numbers equal within tolerance; False for non-numbers and NaN."""
+    try:
+        a, b = float(a), float(b)
+    except (TypeError, ValueError):
+        return False
+    if math.isnan(a) or math.isnan(b):
+        return False
+    return math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
+
+
+def short(x: Any, n: int = 80) -> str:
+    """``repr(x)``, cut to `n` characters for a feedback line."""
+    s = repr(x)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def not_a_number(symbol: str, got: Any) -> str | None:
+    """Feedback when an answer that should be a number is unset or not a number; None when it is one."""
+    if got is None:
+        return f"set {symbol} to a number"
+    if isinstance(got, bool) or not isinstance(got, (int, float)):
+        return f"{symbol} must be a number, got {short(got)}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------- tripwire
+
+
+class _Tripwire:
+    """While active, calls to the named package functions (the references) are recorded.
+
+    ``"lumorik_sft.data:split_records"`` replaces the module attribute, and any copy a student
+    imported into their function's globals, with a recording wrapper; all are restored on exit.
+    """
+
+    def __init__(self, forbidden: Sequence[str], fn_globals: dict | None) -> None:
+        self.forbidden, self.fn_globals = list(forbidden), fn_globals
+        self.hits: list[str] = []
+        self._undo: list[tuple[Any, str, Any, bool]] = []
+
+    def __enter__(self) -> _Tripwire:
+        for spec in self.forbidden:
+            module_name, attr = spec.split(":")
+            try:
+                module = importlib.import_module(module_name)
+                original = getattr(module, attr)
+            except (ImportError, AttributeError):
+                continue
+            wrapper = self._wrap(f"{module_name}.{attr}", original)
+            self._patch(module, attr, wrapper, is_dict=False)
+            if self.fn_globals is not None:
+                for name, value in list(self.fn_globals.items()):
+                    if value is original:
+                        self._patch(self.fn_globals, name, wrapper, is_dict=True)
+        return self
+
+    def _wrap(self, label: str, original: Callable) -> Callable:
+        hits = self.hits
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if label not in hits:
+                hits.append(label)
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    def _patch(self, target: Any, name: str, value: Any, *, is_dict: bool) -> None:
+        old = target[name] if is_dict else getattr(target, name)
+        self._undo.append((target, name, old, is_dict))
+        if is_dict:
+            target[name] = value
+        else:
+            setattr(target, name, value)
+
+    def __exit__(self, *exc: object) -> None:
+        for target, name, old, is_dict in reversed(self._undo):
+            if is_dict:
+                target[name] = old
+            else:
+                setattr(target, name, old)
+        self._undo.clear()
+
+
+# --------------------------------------------------------------------------------------- exercises
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One checkable exercise; see the module docstring for what each piece does."""
+
+    name: str
+    notebook: str
+    symbol: str
+    points: float
+    make_cases: Callable[[int], list[dict[str, Any]]]
+    reference: Callable[[dict[str, Any]], Any]
+    run: Callable[[Any, dict[str, Any]], Any]
+    compare: Callable[[dict[str, Any], Any, Any], str | None]
+    kind: str = "function"  # "function": call it; "answer": a value such as ANSWER_Q1
+    forbidden: tuple[str, ...] = ()  # package references the student must not call, "module:name"
+    hint: str = ""
+    wrong_variants: tuple[str, ...] = field(default=())  # documented, tested in tests/test_checks.py
+    review: str = ""  # what the automatic check cannot judge, for a person to read
+
+
+@dataclass
+class Chapter:
+    """One notebook's exercises, in the order its chapter module registers them.
+
+    A chapter module makes one (``CHAPTER = Chapter("01_data_curation.ipynb")``) and, right after
+    each exercise's functions, calls ``CHAPTER.register(name=..., symbol=..., ...)`` with the
+    other fields of :class:`Exercise` as keyword arguments.
+    """
+
+    notebook: str
+    exercises: list[Exercise] = field(default_factory=list)
+
+    def register(self, **fields: Any) -> Exercise:
+        """Declare one exercise of this notebook; returns it."""
+        ex = Exercise(notebook=self.notebook, **fields)
+        if any(other.name == ex.name for other in self.exercises):
+            raise ValueError(f"exercise {ex.name!r} is registered twice in {self.notebook}")
+        self.exercises.append(ex)
+        return ex
+
+
+def run_case(ex: Exercise, obj: Any, case: dict[str, Any], fn_globals: dict | None = None) -> Any:
+    """Run one case; returns data, or ``{"raised": ...}`` when the student's code raised.
+
+    Calls to the exercise's reference are noted as ``{"used_reference": [...]}``.
+    Exceptions and SystemExit are caught (a check never ends the notebook's process); the
+    grader's child also handles timeouts and a dying process.
+    """
+    if ex.kind == "answer":
+        try:
+            return ex.run(obj, case)
+        except (Exception, SystemExit) as err:
+            return raised(err)
+    if obj is None or not callable(obj):
+        return {"raised": "NameError", "message": f"{ex.symbol} is not defined (or not a function)"}
+    globals_ = fn_globals if fn_globals is not None else getattr(obj, "__globals__", None)
+    with _Tripwire(ex.forbidden, globals_) as wire:
+        try:
+            out = ex.run(obj, copy.deepcopy(case))
+        except (Exception, SystemExit) as err:
+            out = raised(err)
+    if wire.hits:
+        return {"used_reference": wire.hits}
+    return out
+
+
+def judge(ex: Exercise, case: dict[str, Any], expected: Any, got: Any) -> str | None:
+    """Feedback for one case (None = right). Shared by the notebook checks and the grader."""
+    if isinstance(got, dict) and set(got) == {"used_reference"}:
+        names = ", ".join(got["used_reference"])
+        return f"your function calls {names}, the package's reference: write it yourself"
+    if is_raised(expected):
+        if is_raised(got) and got["raised"] == expected["raised"]:
+            return None
+        if is_raised(got):
+            return f"should raise {expected['raised']}, but raised {got['raised']}: {got['message']}"
+        return f"should raise {expected['raised']} ({expected['message'][:120]}), but returned {short(got)}"
+    if is_raised(got):
+        if got["raised"] == "NotImplementedError":
+            return f"{ex.symbol} is not written yet (raised NotImplementedError)"
+        if got["raised"] == "SystemExit":
+            return "your code called sys.exit(); return a value instead"
+        return f"raised {got['raised']}: {got['message']}"
+    try:
+        return ex.compare(case, expected, got)
+    except Exception as err:  # a malformed answer must give feedback, not crash the check
+        return f"returned something of the wrong shape ({type(err).__name__}: {err}); got {short(got)}"
+
+
+def check_exercise(ex: Exercise, obj: Any) -> bool:
+    """Run an exercise's cases on `obj` in this process; print feedback and one final line."""
+    cases = ex.make_cases(CHECK_SEED)
+    failures = []
+    for i, case in enumerate(cases):
+        expected = ex.reference(case)
+        got = run_case(ex, obj, case)
+        feedback = judge(ex, case, expected, got)
+        if feedback is not None:
+            failures.append((i, feedback))
+    if not failures:
+        print(f"check_{ex.name}: all {len(cases)} case{'s' if len(cases) != 1 else ''} passed")
+        return True
+    shown = failures[:3]
+    for i, feedback in shown:
+        print(f"  case {i}: {feedback}")
+    if len(failures) > len(shown):
+        print(f"  ... and {len(failures) - len(shown)} more failing case(s)")
+    if ex.hint:
+        print(f"  hint: {ex.hint}")
+    print(f"check_{ex.name}: {len(cases) - len(failures)}/{len(cases)} cases passed, not yet")
+    return False
+
+
+def make_check(ex: Exercise) -> Callable[[Any], None]:
+    """The notebook's ``check_<name>(obj)``: prints the feedback, returns nothing."""
+
+    def check(obj: Any) -> None:
+        check_exercise(ex, obj)  # no return value: a notebook cell shows the feedback, not "True"
+
+    what = "your answer" if ex.kind == "answer" else f"your `{ex.symbol}`"
+    check.__name__ = check.__qualname__ = f"check_{ex.name}"
+    check.__doc__ = (
+        f"Check {what} ({ex.notebook}) on hidden seeded cases against the package's "
+        "reference; prints feedback, then one line saying whether all cases passed. "
+        f"`run_check({ex.name!r}, obj)` does the same and returns True or False."
+    )
+    return check
