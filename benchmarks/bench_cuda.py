@@ -61,7 +61,7 @@ def check_packed_nll(model, tok, examples, device: str, bf16: bool = False) -> d
     import contextlib
 
     from lumorik_sft.encoding import SFTCollator
-    from lumorik_sft.metrics import completion_nll
+    from lumorik_sft.fused_loss import completion_nll
     from lumorik_sft.packing import PackedCollator
 
     pad = tok.pad_token_id
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
-    from lumorik_sft import metrics
+    from lumorik_sft import fused_loss
     from lumorik_sft.models import embedded_model_path, load_model_and_tokenizer
 
     model_dir = str(embedded_model_path())
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         "nll_check": check_packed_nll(model, tok, train_ex, device),
         "nll_check_bf16": check_packed_nll(model, tok, train_ex, device, bf16=True),
     }
-    report["lm_head_keeps_rows"] = {k.__name__: v for k, v in metrics._HEAD_KEEPS_MASK.items()}
-    report["fused_head_loss"] = {type(k).__name__: v for k, v in metrics._PLAIN_HEAD.items()}
+    report["lm_head_keeps_rows"] = {k.__name__: v for k, v in fused_loss._HEAD_KEEPS_MASK.items()}
+    report["fused_head_loss"] = {type(k).__name__: v for k, v in fused_loss._PLAIN_HEAD.items()}
     runs = {name: train_ours(model_dir, train_ex, packing, device)
             for name, packing in (("ours_padded", "none"), ("ours_packed", "bfd"), ("ours_length", "length"))}
     with tempfile.TemporaryDirectory() as work:

@@ -174,9 +174,12 @@ class Probe:
             return
         t = time.perf_counter()
         elapsed = t - self.t0 - self.paused
+        from lumorik_sft import fused_loss
         from lumorik_sft.metrics import evaluate_loss
+        from lumorik_sft.models import fused_activations
 
-        loss = evaluate_loss(self.model, self.val_batches).loss
+        with fused_activations(self.model):  # the same code for every contestant
+            loss = evaluate_loss(self.model, self.val_batches, loss_fn=fused_loss.completion_nll).loss
         self.curve.append((step, elapsed, loss))
         self.paused += time.perf_counter() - t
 
@@ -320,7 +323,7 @@ def executed_work(lengths: list[int], completion_tokens: int, batches: list[list
     position, and gradient checkpointing recomputes the blocks' forward (2 of the body's 6
     FLOPs again). Our loops round each row up to a `multiple` of tokens (pad_to_multiple_of);
     those positions run through the linear layers too. ``last_mlp``: weights of the last
-    block's MLP, which our loops run only where the head runs (`metrics._last_mlp_on_kept_rows`;
+    block's MLP, which our loops run only where the head runs (`fused_loss._last_mlp_on_kept_rows`;
     0 for runs recorded before they did). The ratios are the speed-ups at equal FLOP/s; the rest
     of a measured ratio is speed per FLOP.
     """
@@ -364,7 +367,7 @@ def useful_work(spec: dict) -> dict[str, Any]:
     d = getattr(cfg, "n_embd", None) or cfg.hidden_size
     lengths = [len(ex["input_ids"]) for ex in train_ex]
     flops = sum(6 * linear * n + 6 * n_layer * d * n * n for n in lengths)
-    # Our loops run the LM head only where a completion token is predicted (metrics.
+    # Our loops run the LM head only where a completion token is predicted (fused_loss.
     # linear_cross_entropy): the hardware does less than the nominal count above.
     head = model.get_output_embeddings().weight.numel()
     head_skipped = 6 * head * (sum(lengths) - report.completion_tokens)
@@ -373,7 +376,7 @@ def useful_work(spec: dict) -> dict[str, Any]:
                                  spec["batch_size"])
     last_mlp = 0
     if spec.get("last_mlp_kept_rows", True):
-        from lumorik_sft.metrics import _last_block
+        from lumorik_sft.fused_loss import _last_block
 
         last_mlp = sum(p.numel() for p in _last_block(model).mlp.parameters() if p.ndim == 2)
     executed = executed_work(lengths, report.completion_tokens, batches, linear=linear, head=head,
@@ -531,8 +534,8 @@ def write_report(out: Path, payload: dict) -> str:
         "that fraction of the % shown).",
         f"- Time to target: training seconds until the validation loss is <= {s['target_val_loss']:.4f} "
         "(1.02 x TRL default's final loss), evaluated every tenth of the run.",
-        "- Validation loss: `lumorik_sft.metrics.evaluate_loss`, fp32, same padded batches and same "
-        "code for all (fused head + loss and fused GELU included).",
+        "- Validation loss: `lumorik_sft.metrics.evaluate_loss` with `fused_loss.completion_nll`, fp32, "
+        "same padded batches and same code for all (fused head + loss and fused GELU included).",
         "",
         "| contestant | steps | train s | completion tok/s | all tok/s | useful GFLOP/s | % of peak "
         "| peak before its run, GFLOP/s | % of it | peak RSS MB | time to target s | final val loss |",
@@ -607,9 +610,9 @@ def write_report(out: Path, payload: dict) -> str:
         "(same loss as `ours_padded`); `ours_length` groups examples of similar length "
         "(`TrainConfig(packing='length')`).",
         "- All our loops run the LM head on supervised positions only, fused with the loss "
-        "(`metrics.linear_cross_entropy`: 256 rows at a time, the [rows, vocab] logits never held "
+        "(`fused_loss.linear_cross_entropy`: 256 rows at a time, the [rows, vocab] logits never held "
         "whole)"
-        + (", and the last block's MLP on those positions only (`metrics._last_mlp_on_kept_rows`)"
+        + (", and the last block's MLP on those positions only (`fused_loss._last_mlp_on_kept_rows`)"
            if payload.get("last_mlp_kept_rows") else "")
         + ", use PyTorch's fused AdamW and swap GPT-2's Python GELU for the fused tanh GELU "
         "while training (`TrainConfig.fused_activations`); the padded loop keeps the model's SDPA "

@@ -101,12 +101,34 @@ def load_model_and_tokenizer(
     device: str | torch.device | None = "auto",
     dtype: torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Open a causal LM and its tokenizer: the embedded model by default, or any HF name or path."""
+    """Open a causal LM and its tokenizer: the embedded model by default, or any HF name or path.
+
+    A local folder must hold a saved model (config.json); a name that can only be a path (absolute,
+    starting with `.` or `~`, or with more folders than a Hugging Face `owner/name`) and names no
+    folder raises FileNotFoundError instead of Hugging Face's rules for model names.
+    """
     source = str(name_or_path) if name_or_path is not None else str(embedded_model_path())
+    source = _check_model_folder(source)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     return model.to(resolve_device(device)), tokenizer
+
+
+def _check_model_folder(source: str) -> str:
+    """`source` with `~` expanded; FileNotFoundError for a path with no saved model there."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{source} has no config.json, so it is not a saved model folder "
+                                    "(save one with save_pretrained, or give a Hugging Face model name)")
+        return str(path)
+    parts = source.replace("\\", "/").split("/")
+    if (path.is_absolute() or source.startswith((".", "~")) or "\\" in source or len(parts) > 2
+            or (len(parts) == 2 and path.parent.is_dir())):
+        raise FileNotFoundError(f"no model folder at {source} (give a local folder with config.json, "
+                                "or a Hugging Face model name)")
+    return source
 
 
 def train_bpe_tokenizer(

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import subprocess
 import sys
+from dataclasses import dataclass, field
 
 import pytest
 
-from lumorik_sft.cli import build_parser, main
+from lumorik_sft import cli as core_cli
+from lumorik_sft.config import TrainConfig, add_dataclass_arguments, config_from_args
+from lumorik_sft.course.cli import build_parser, main
 
-COMMANDS = ["demo", "data", "train", "eval", "generate", "pretrain", "notebooks", "exercises", "grade"]
+CORE_COMMANDS = ["data", "train", "eval", "generate"]
+COMMANDS = ["demo", *CORE_COMMANDS, "pretrain", "notebooks", "exercises", "grade"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -65,6 +71,136 @@ def test_parser_lists_all_commands():
     assert all(c in text for c in COMMANDS)
 
 
+def test_core_command_line_has_the_core_commands_only(capsys):
+    parser = core_cli.build_parser()
+    assert all(c in parser.format_help() for c in CORE_COMMANDS)
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["demo"])
+    assert exc.value.code == 2 and "invalid choice: 'demo'" in capsys.readouterr().err
+
+
+def test_console_script_is_the_front_door():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "lumorik-sft"]
+    assert script.value == "lumorik_sft.course.cli:main"
+
+
+def test_help_does_not_import_torch():
+    code = ("import contextlib, io, sys\n"
+            "from lumorik_sft.course.cli import build_parser\n"
+            "for argv in ([], ['--help'], ['train', '--help'], ['data', '--help']):\n"
+            "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            "        build_parser().parse_args(argv)\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["False", "False"]
+
+
+def test_pretrain_help_lists_the_recipe_settings(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = capsys.readouterr().out
+    assert "usage: lumorik-sft pretrain" in out and "--vocab-size" in out and "--max-steps" in out
+
+
+def test_train_has_a_flag_for_every_train_config_field(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in out, f"train --help lacks {flag}"
+        if f.type == "bool":
+            assert f"--no-{flag[2:]}" in out
+
+
+def _train_config(*flags: str) -> TrainConfig:
+    args = build_parser().parse_args(["train", "--train", "t.jsonl", "--out", "run", *flags])
+    return config_from_args(TrainConfig, args)
+
+
+def test_train_flags_today_s_names_and_generated_ones():
+    assert _train_config() == TrainConfig(output_dir="run")  # the dataclass's defaults, lr None
+    old = _train_config("--lr", "1e-3", "--batch-size", "4", "--grad-accum", "2", "--epochs", "1",
+                        "--warmup-ratio", "0.1", "--max-steps", "5", "--seed", "3", "--device", "cpu",
+                        "--precision", "fp32", "--packing", "bfd", "--pack-length", "64",
+                        "--pad-to-multiple-of", "8")
+    assert old == TrainConfig(learning_rate=1e-3, batch_size=4, grad_accum_steps=2, epochs=1,
+                              warmup_ratio=0.1, max_steps=5, seed=3, device="cpu", precision="fp32",
+                              packing="bfd", pack_length=64, pad_to_multiple_of=8, output_dir="run")
+    new = _train_config("--learning-rate", "2e-4", "--grad-accum-steps", "3", "--no-shuffle",
+                        "--no-progress", "--max-grad-norm", "none", "--weight-decay", "0.01",
+                        "--warmup-steps", "10", "--log-every", "0", "--no-fused-loss")
+    assert (new.learning_rate, new.grad_accum_steps, new.shuffle, new.progress, new.max_grad_norm,
+            new.weight_decay, new.warmup_steps, new.log_every, new.fused_loss) == (
+        2e-4, 3, False, False, None, 0.01, 10, 0, False)
+
+
+def test_bad_train_settings_are_one_line_before_any_model_loads(tmp_path, capsys):
+    common = ["train", "--model", "/no/such/folder", "--train", "t.jsonl", "--out", str(tmp_path)]
+    assert main([*common, "--precision", "fp16"]) == 2
+    assert "precision must be one of auto, fp32, bf16, got 'fp16'" in _one_error_line(capsys)
+    assert main([*common, "--warmup-steps", "5", "--warmup-ratio", "0.1"]) == 2
+    assert "set warmup_steps or warmup_ratio, not both" in _one_error_line(capsys)
+    with pytest.raises(SystemExit) as exc:
+        main([*common, "--batch-size", "eight"])
+    assert exc.value.code == 2 and "invalid int value: 'eight'" in capsys.readouterr().err
+
+
+@dataclass
+class _Settings:
+    name: str = field(default="x", metadata={"help": "A name; 100% free text."})
+    size: int | None = field(default=None, metadata={"help": "A size."})
+    rate: float = 0.5
+    tags: tuple[str, ...] = ("a",)
+    loud: bool = False
+
+
+def test_add_dataclass_arguments_works_for_any_settings_dataclass():
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, _Settings, aliases={"size": ["-n"]}, required=["name"])
+    text = parser.format_help()
+    assert "A name; 100% free text. (required)" in text and "A size. (default: none)" in text
+    assert "--loud, --no-loud" in text and "(default: --no-loud)" in text
+    args = parser.parse_args(["--name", "y", "-n", "3", "--tags", "b", "c", "--loud"])
+    assert config_from_args(_Settings, args) == _Settings("y", 3, 0.5, ("b", "c"), True)
+    args = parser.parse_args(["--name", "y", "--size", "None"])
+    assert config_from_args(_Settings, args) == _Settings("y")
+    with pytest.raises(SystemExit):
+        parser.parse_args([])  # --name is required
+
+    @dataclass
+    class Unflaggable:
+        table: dict = field(default_factory=dict)
+
+    with pytest.raises(TypeError, match="'table'"):
+        add_dataclass_arguments(argparse.ArgumentParser(), Unflaggable)
+
+
+def test_a_model_path_with_no_model_is_one_line(tmp_path, capsys):
+    assert main(["generate", "--model", "/no/such/folder", "--prompt", "hi"]) == 2
+    assert _one_error_line(capsys) == (
+        "lumorik-sft: error: no model folder at /no/such/folder (give a local folder with "
+        "config.json, or a Hugging Face model name)")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "v.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    assert main(["eval", "--model", str(tmp_path / "empty"), "--data", str(tmp_path / "v.jsonl")]) == 2
+    assert f"{tmp_path / 'empty'} has no config.json" in _one_error_line(capsys)
+
+
+def test_front_door_train_with_a_missing_model_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lumorik_sft.course.cli", "train", "--model", "/no/such/folder",
+         "--train", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "lumorik-sft: error: no model folder at /no/such/folder (give a local folder with config.json, "
+        "or a Hugging Face model name)"]
+
+
 def test_demo_runs_end_to_end_in_fast_mode(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LUMORIK_FAST", "1")
     out = tmp_path / "demo"
@@ -95,7 +231,9 @@ def test_train_eval_generate_commands_on_a_local_model(tmp_path, toy_tokenizer, 
     assert main(["train", "--model", str(base), "--train", str(tmp_path / "train.jsonl"),
                  "--val", str(tmp_path / "val.jsonl"), "--out", str(run), "--lr", "1e-2",
                  "--epochs", "1", "--batch-size", "4", "--precision", "fp32"]) == 0
-    epochs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    printed = capsys.readouterr().out
+    assert "learning rate 0.01\n" in printed
+    epochs = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
     assert [e["epoch"] for e in epochs] == [0, 1] and epochs[1]["val_loss"] < epochs[0]["val_loss"]
     assert (run / "checkpoint.pt").exists() and (run / "final" / "tokenizer.json").exists()
 
@@ -149,11 +287,12 @@ def test_max_length_fits_the_model_context_and_cuts_are_reported(tmp_path, short
                {"prompt": " ".join([text] * 12), "completion": "settled"}]  # prompt cut only
     data.write_jsonl(tmp_path / "t.jsonl", records)
     common = ["train", "--model", str(short_context_model), "--train", str(tmp_path / "t.jsonl"),
-              "--epochs", "1", "--precision", "fp32", "--lr", "1e-3"]
+              "--epochs", "1", "--precision", "fp32"]
     assert main([*common, "--out", str(tmp_path / "r1"), "--max-length", "65"]) == 2
     assert "max length 65 is longer than the model's context of 64 tokens" in _one_error_line(capsys)
     assert main([*common, "--out", str(tmp_path / "r2")]) == 0  # the default: 256 capped to 64
     out, err = capsys.readouterr()
     assert "max length 64 tokens" in out
+    assert "learning rate 0.001 (the model's recommended rate)" in out  # no card, a tiny model
     assert "encoded 2 of 2 training examples" in out and "2 truncated, 1 of them into" in out
     assert "1 training example(s) lost the end of their completion and its EOS" in err

@@ -27,3 +27,14 @@ def test_fast_mode_reads_the_environment(monkeypatch):
     assert not defaults.fast_mode()
     settings = demo.DemoSettings.for_mode(False, epochs=None, seed=7)
     assert (settings.epochs, settings.seed, settings.n_generate) == (3, 7, 100)
+
+
+def test_the_demo_asks_the_same_rule_as_training(tmp_path):
+    (tmp_path / "card.json").write_text(json.dumps({"recommended_sft_learning_rate": 3e-4}))
+    small = torch.nn.Linear(10, 10)
+    assert demo.DemoSettings().learning_rate is None  # like TrainConfig: None = the model's rate
+    assert demo.DemoSettings().learning_rate_for(str(tmp_path), small) == 3e-4
+    assert demo.DemoSettings().learning_rate_for("nowhere", small) == defaults.recommended_learning_rate(
+        "nowhere", small) == 1e-3
+    assert demo.DemoSettings(learning_rate=2e-5).learning_rate_for(str(tmp_path), small) == 2e-5
+    assert demo.DemoSettings.for_mode(True, learning_rate=None).learning_rate is None

@@ -1,8 +1,10 @@
-"""Data parallel: `accelerate launch` of the train command, 2 gloo processes == 1 process.
+"""Data parallel: the train command under `accelerate launch` or `torchrun`, 2 gloo processes == 1.
 
 Two CPU processes with batch_size 4 each must follow the loss curve of one process with
 batch_size 8 (within 1e-4), through gradient accumulation and a last micro-batch too short
-to give both processes an example. About 20-40 s: two launches of a tiny model.
+to give both processes an example. The launches use the README's command without --device, on
+a machine without a GPU (CUDA hidden): 'auto' must still join the processes in one group.
+Each launch of the tiny model takes a few seconds to a few tens of seconds.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import pytest
 import torch
 
 from lumorik_sft import cli
-from lumorik_sft.distributed import DataParallel, launched_world_size, setup_data_parallel
+from lumorik_sft.distributed import DataParallel, StopSignals, launched_world_size, setup_data_parallel
 from lumorik_sft.models import build_model
 from lumorik_sft.packing import shard_micro_batch
 from lumorik_sft.training import TrainConfig, plan_steps
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")
+TORCHRUN = Path(sys.executable).with_name("torchrun")
 TEXT = "the tenant sued the landlord over an unreturned deposit with interest"
 N_TRAIN = 25  # 8 + 8 + 8 + 1: the last global micro-batch has one example for two processes
 
@@ -51,15 +54,57 @@ def workdir(tmp_path_factory, toy_tokenizer):
     return root
 
 
-def _args(root: Path, out: str, batch_size: int) -> list[str]:
+def _args(root: Path, out: str, batch_size: int, device: str | None = "cpu") -> list[str]:
+    # precision fp32: 'auto' is bf16 on CPUs with native bf16, and one process and two only
+    # agree to 1e-4 in fp32 (the in-process run below resolves 'auto' to fp32, see conftest).
     return ["train", "--model", str(root / "model"), "--train", str(root / "train.jsonl"),
             "--val", str(root / "val.jsonl"), "--out", str(root / out), "--lr", "3e-3",
             "--batch-size", str(batch_size), "--grad-accum", "2", "--epochs", "2",
-            "--device", "cpu", "--precision", "fp32", "--seed", "0"]
+            "--precision", "fp32", "--seed", "0", *(["--device", device] if device else [])]
 
 
 def _history(root: Path, out: str) -> dict:
     return json.loads((root / out / "history.json").read_text())
+
+
+def _launch_env() -> dict[str, str]:
+    """A machine without a GPU (CUDA hidden), offline, quiet, one thread per process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
+           "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def one_process(workdir):
+    """The reference: one process, in this interpreter, batch 8 per micro-batch."""
+    assert cli.main(_args(workdir, "one", 8)) == 0
+    return workdir / "one"
+
+
+def _assert_same_training(root: Path, one: str, two: str) -> float:
+    """Two processes at batch 4 == one at batch 8: losses, token counts, final weights.
+
+    Returns the largest weight difference. Only rank 0 writes the model (and one history).
+    """
+    h1, h2 = _history(root, one), _history(root, two)
+    assert len(h1["steps"]) == len(h2["steps"]) == 4
+    for a, b in zip(h1["steps"], h2["steps"], strict=True):
+        assert b["tokens"] == a["tokens"]  # the global supervised-token count, all-reduced
+        assert b["input_tokens"] == a["input_tokens"]
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3, abs=1e-4)
+    for a, b in zip(h1["epochs"], h2["epochs"], strict=True):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-4)
+    from transformers import AutoModelForCausalLM
+
+    m1 = AutoModelForCausalLM.from_pretrained(root / one / "final")
+    m2 = AutoModelForCausalLM.from_pretrained(root / two / "final")
+    worst = 0.0
+    for (k, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
+        torch.testing.assert_close(p1, p2, atol=1e-4, rtol=0, msg=k)
+        worst = max(worst, float((p1 - p2).abs().max()))
+    return worst
 
 
 def test_plan_and_shards_match_one_process():
@@ -81,37 +126,60 @@ def test_single_process_needs_no_accelerate(monkeypatch):
     assert par.wrap(model) is model and par.no_sync(model) is None
 
 
-@pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate is not installed")
-def test_two_gloo_processes_match_one_process(workdir, capsys):
-    # One process, in this interpreter: batch 8 per micro-batch.
-    assert cli.main(_args(workdir, "one", 8)) == 0
-    # Two processes under accelerate: batch 4 each, the same global batch.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
-           "PYTHONWARNINGS": "ignore"}
-    env.pop("WORLD_SIZE", None)
-    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
-           "-m", "lumorik_sft.cli", *_args(workdir, "two", 4)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def _run_launcher(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, env=_launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    one, two = _history(workdir, "one"), _history(workdir, "two")
-    assert len(one["steps"]) == len(two["steps"]) == 4
-    for a, b in zip(one["steps"], two["steps"], strict=True):
-        assert b["tokens"] == a["tokens"]  # the global supervised-token count, all-reduced
-        assert b["input_tokens"] == a["input_tokens"]
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3, abs=1e-4)
-    for a, b in zip(one["epochs"], two["epochs"], strict=True):
-        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-4)
-    # Only rank 0 wrote the model, and it holds the same weights.
-    from transformers import AutoModelForCausalLM
 
-    m1 = AutoModelForCausalLM.from_pretrained(workdir / "one" / "final")
-    m2 = AutoModelForCausalLM.from_pretrained(workdir / "two" / "final")
-    for (k, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
-        torch.testing.assert_close(p1, p2, atol=1e-4, rtol=0, msg=k)
-    shutil.rmtree(workdir / "two")
+@pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate is not installed")
+def test_accelerate_launch_without_device_matches_one_process(workdir, one_process):
+    # The README's accelerate command as the issue quotes it, no --device: batch 4 x 2 processes.
+    _run_launcher([str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "29531", "-m", "lumorik_sft.cli",
+                   *_args(workdir, "accelerate", 4, device=None)])
+    _assert_same_training(workdir, "one", "accelerate")
+    shutil.rmtree(workdir / "accelerate")
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
+def test_torchrun_without_device_forms_one_group(workdir, one_process):
+    # Before the fix, 'auto' on a machine without a GPU gave each process a world of one: two
+    # independent trainings at batch 4 writing the same folder, far from the batch-8 weights.
+    _run_launcher([str(TORCHRUN), "--nproc_per_node", "2", "--master_port", "29537",
+                   "-m", "lumorik_sft.cli", *_args(workdir, "torchrun", 4, device=None)])
+    worst = _assert_same_training(workdir, "one", "torchrun")
+    print(f"largest weight difference, 2 processes vs 1: {worst:.2e}")
+    shutil.rmtree(workdir / "torchrun")
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("mps", "cannot share Apple's MPS device"),
+    ("cuda:1", "puts all 2 launched processes on one GPU"),
+    ("cuda", "this machine has no CUDA GPU"),
+])
+def test_launched_job_refuses_a_device_that_cannot_form_one_group(monkeypatch, device, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=message):
+        setup_data_parallel(device)
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_more_processes_than_gpus_is_refused(monkeypatch, device):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"2 processes on this machine but 1 CUDA GPU\(s\)"):
+        setup_data_parallel(device)
+
+
+def test_stop_signals_with_one_process_need_no_vote():
+    stop = StopSignals()
+    assert not stop.requested() and stop.name == ""
+    stop.received = 15  # what the SIGTERM handler records
+    assert stop.requested() and stop.agreed and stop.name == "SIGTERM"
 
 
 WORKER = """
@@ -135,18 +203,13 @@ if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
 
 def _run_script(script: str, *args: object, processes: int = 1, port: int = 29533) -> None:
     """Run `script` in 1 plain process or under torchrun; fail with its output if it fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
-           "PYTHONWARNINGS": "ignore"}
-    env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-c", script, *map(str, args)]
     if processes > 1:
-        torchrun = Path(sys.executable).with_name("torchrun")
-        if not torchrun.exists():
+        if not TORCHRUN.exists():
             pytest.skip("torchrun is not installed")
-        cmd = [str(torchrun), "--nproc_per_node", str(processes), "--master_port", str(port),
+        cmd = [str(TORCHRUN), "--nproc_per_node", str(processes), "--master_port", str(port),
                "--no-python", *cmd]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_launcher(cmd)
 
 
 def test_packed_modes_on_two_processes_match_one(workdir, tmp_path):

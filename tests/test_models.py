@@ -58,3 +58,35 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+
+
+@pytest.mark.parametrize("name", ["/no/such/folder", "./nope", "~/nope", "runs/demo/final"])
+def test_a_path_with_no_folder_is_named_as_a_path(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as exc:
+        load_model_and_tokenizer(name, device="cpu")
+    assert str(exc.value) == (f"no model folder at {name} (give a local folder with config.json, "
+                              "or a Hugging Face model name)")
+
+
+def test_a_folder_without_config_json_says_so(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty has no config\.json, so it is not a saved model"):
+        load_model_and_tokenizer(tmp_path / "empty", device="cpu")
+
+
+def test_an_owner_slash_name_is_left_to_hugging_face(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # offline in tests: the hub lookup fails, with Hugging Face's message
+    with pytest.raises(OSError) as exc:
+        load_model_and_tokenizer("no-such-owner/no-such-model", device="cpu")
+    assert "no model folder" not in str(exc.value)
+
+
+def test_a_home_relative_folder_opens(toy_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    build_model("gpt2", toy_tokenizer, n_layer=1, width=32, n_head=2, context=64).save_pretrained(
+        tmp_path / "m")
+    toy_tokenizer.save_pretrained(tmp_path / "m")
+    model, _ = load_model_and_tokenizer("~/m", device="cpu")
+    assert model.name_or_path == str(tmp_path / "m")

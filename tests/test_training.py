@@ -1,6 +1,6 @@
 """The training loop: exact token-weighted accumulation, schedules, determinism, resume.
 
-Every test uses a tiny model on toy pairs and runs in a second or two on a CPU.
+Every test uses a tiny model on toy pairs and runs in seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from transformers import get_linear_schedule_with_warmup
 
 from lumorik_sft.course.plots import plot_loss_curves
 from lumorik_sft.encoding import IGNORE_INDEX, SFTCollator, encode_records
@@ -33,6 +34,7 @@ from lumorik_sft.training import (
     epoch_order,
     load_checkpoint,
     train,
+    train_step,
 )
 
 TEXTS = [
@@ -159,6 +161,45 @@ def test_step_loss_is_sum_nll_over_tokens(toy_tokenizer, train_ex):
     assert result.epochs[-1]["train_loss"] == pytest.approx(nll / n, abs=1e-6)
 
 
+def test_train_step_is_backward_clip_step_schedule_zero_grad(toy_tokenizer, train_ex):
+    """One `train_step` == the chapter's step done right, written out by hand."""
+    collate = SFTCollator(toy_tokenizer.pad_token_id)
+    micros = [collate(train_ex[i:i + 2]) for i in range(0, 6, 2)]
+    config = _config(max_grad_norm=0.05, fused_loss=False)  # a small norm: clipping must act
+    models = [_model(toy_tokenizer, dropout=False) for _ in range(2)]
+    optimizers = [build_optimizer(m, config) for m in models]
+    schedulers = [get_linear_schedule_with_warmup(o, 0, 10) for o in optimizers]
+
+    step = train_step(models[0], micros, optimizers[0], schedulers[0], config)
+
+    by_hand = accumulate_gradients(models[1], micros)
+    norm = torch.nn.utils.clip_grad_norm_(models[1].parameters(), config.max_grad_norm)
+    optimizers[1].step()
+    schedulers[1].step()
+    assert (step.n_tokens, step.lr) == (by_hand.n_tokens, config.learning_rate)
+    assert step.loss == pytest.approx(by_hand.loss, abs=1e-6)
+    assert step.grad_norm == pytest.approx(float(norm), rel=1e-5) and step.grad_norm > 0.05
+    _assert_same_weights(models[0], models[1], atol=1e-6)
+    assert schedulers[0].last_epoch == 1 and all(p.grad is None for p in models[0].parameters())
+
+    # No supervised token: no update, and the schedule stays where it was.
+    blank = [collate([{**ex, "labels": [IGNORE_INDEX] * len(ex["labels"])} for ex in train_ex[:2]])]
+    before = copy.deepcopy(models[0].state_dict())
+    skipped = train_step(models[0], blank, optimizers[0], schedulers[0], config)
+    assert (skipped.n_tokens, skipped.lr, skipped.grad_norm) == (0, None, None)
+    assert schedulers[0].last_epoch == 1
+    for key, value in models[0].state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_fused_loss_trains_the_same_run_as_the_reference(toy_tokenizer, train_ex, val_ex):
+    # No dropout: the fused path runs the last MLP on fewer rows, so it draws other masks.
+    runs = [train(_model(toy_tokenizer, dropout=False), toy_tokenizer, train_ex, val_ex,
+                  _config(epochs=1, fused_loss=fused)) for fused in (True, False)]
+    assert runs[0].losses == pytest.approx(runs[1].losses, abs=1e-5)
+    assert runs[0].final_val_loss == pytest.approx(runs[1].final_val_loss, abs=1e-5)
+
+
 # --------------------------------------------------------------------------- determinism
 
 
@@ -270,6 +311,7 @@ def test_interrupt_without_output_dir_stops_cleanly(toy_tokenizer, train_ex, cap
 @pytest.mark.parametrize(("change", "message"), [
     ({"learning_rate": 1e-3}, "learning_rate: 0.003 -> 0.001"),
     ({"fused_activations": False}, "fused_activations: True -> False"),
+    ({"fused_loss": False}, "fused_loss: True -> False"),
     ({"precision": "bf16"}, "trained in fp32 and would go on in bf16"),  # 'auto' was fp32 here
 ])
 def test_resume_refuses_changed_settings(toy_tokenizer, train_ex, val_ex, uninterrupted, change,
@@ -360,20 +402,20 @@ def test_precision_auto_is_fp32_on_cpu_and_bf16_autocast_runs(toy_tokenizer, tra
 
 
 def test_bf16_on_a_cpu_that_only_emulates_it_warns(monkeypatch):
-    """Asked for bf16 on a CPU without AVX512-BF16/AMX (an AVX2 laptop), oneDNN emulates it at
-    ~2 GFLOP/s: say so instead of training 50x slower in silence. Native bf16 and 'auto' (fp32
-    on a CPU) stay quiet."""
-    import lumorik_sft.training as training_module
+    """Asked for bf16 on a CPU without AVX512-BF16/AMX (an AVX2 laptop), oneDNN emulates it,
+    many times slower than fp32: say so instead of training slowly in silence. Native bf16 and
+    'auto' (fp32 on a CPU) stay quiet."""
+    from lumorik_sft import defaults
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(training_module, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(defaults, "_native_bf16", lambda device: False)  # an AVX2-only CPU
     with pytest.warns(UserWarning, match="emulated"):
-        assert training_module.resolve_precision("bf16", cpu) == "bf16"
+        assert defaults.resolve_precision("bf16", cpu) == "bf16"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert training_module.resolve_precision("auto", cpu) == "fp32"
-        monkeypatch.setattr(training_module, "cpu_supports_bf16", lambda: True)
-        assert training_module.resolve_precision("bf16", cpu) == "bf16"
+        assert defaults.resolve_precision("auto", cpu) == "fp32"
+        monkeypatch.setattr(defaults, "_native_bf16", lambda device: True)  # AVX512-BF16 or AMX
+        assert defaults.resolve_precision("bf16", cpu) == "bf16"
 
 
 def test_zero_token_micro_batch_gives_no_nan(toy_tokenizer, train_ex):
@@ -438,7 +480,8 @@ def test_config_validation_says_how_to_fix(overrides, message):
 
 def test_config_defaults_and_help():
     config = TrainConfig()
-    assert (config.learning_rate, config.batch_size, config.epochs) == (5e-5, 8, 3)
+    # learning_rate None: train() uses the model's recommended rate (defaults.recommended_learning_rate)
+    assert (config.learning_rate, config.batch_size, config.epochs) == (None, 8, 3)
     assert TrainConfig(batch_size=4, grad_accum_steps=4).effective_batch_size == 16
     assert all(TrainConfig.help().values())
     assert json.loads(json.dumps(config.to_dict())) == config.to_dict()

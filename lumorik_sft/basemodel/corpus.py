@@ -10,7 +10,7 @@ standard-library modules written in C (`math`, `itertools`, `builtins`) are read
 Run from Python::
 
     from lumorik_sft.basemodel.corpus import assemble_corpus, python_doc_qa
-    corpus = assemble_corpus()                  # ~13.5M characters, 10-20 s on 2 CPU cores
+    corpus = assemble_corpus()                  # ~13.5M characters
     print(corpus.sha256, corpus.sources)
     train_pairs, val_pairs = python_doc_qa()     # held out by module
 

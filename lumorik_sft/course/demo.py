@@ -30,7 +30,7 @@ class DemoSettings:
     seed: int = 0
     epochs: int = 3
     batch_size: int = 8
-    learning_rate: float | None = None  # None: the model card's recommendation, else 1e-3
+    learning_rate: float | None = None  # None: the model's (defaults.recommended_learning_rate)
     max_length: int = 256
     n_generate: int = 100
     # the 256-token context minus the longest product prompt (81 tokens); a third of the
@@ -39,6 +39,13 @@ class DemoSettings:
     n_train: int | None = None  # cap on training examples (fast mode)
     precision: str = "auto"  # bf16 autocast on a bf16-capable CPU or GPU (~2.8x faster here)
     progress: bool = True
+
+    def learning_rate_for(self, source: str | None, model: PreTrainedModel) -> float:
+        """The rate to train `model` with: the one set here, else the one `training.train` would pick
+        for None (`defaults.recommended_learning_rate`), known up front so the demo can print it."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return recommended_learning_rate(source, model)
 
     def train_config(
         self, model: PreTrainedModel, learning_rate: float, **overrides: Any
@@ -105,7 +112,7 @@ def run_demo(settings: DemoSettings, echo=print) -> dict[str, Any]:
                             progress=settings.progress)
     echo(_metrics_line(before))
 
-    lr = settings.learning_rate or recommended_learning_rate(source, model)
+    lr = settings.learning_rate_for(source, model)
     echo(f"\n== 3. Training (lr {lr:g}, batch {settings.batch_size}, {settings.epochs} epochs) ==")
     config = settings.train_config(model, lr, output_dir=str(out / "model"))
     echo(f"precision: {config.precision}")
