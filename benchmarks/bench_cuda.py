@@ -70,7 +70,7 @@ def check_packed_nll(model, tok, examples, device: str, bf16: bool = False) -> d
     autocast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with torch.no_grad(), autocast:
         for i in range(0, min(64, len(examples)), 8):
-            chunk = examples[i:i + 8]
+            chunk = examples[i : i + 8]
             layouts = (("padded", SFTCollator(pad)), ("packed", PackedCollator(pad, mask="varlen")))
             for name, collate in layouts:
                 batch = {k: v.to(device) for k, v in collate(chunk).items()}
@@ -87,8 +87,17 @@ def train_ours(model_dir: str, train_ex, packing: str, device: str) -> dict[str,
     from lumorik_sft.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(model_dir, device=device)
-    config = training.TrainConfig(learning_rate=1e-3, batch_size=8, epochs=1, seed=0, device=device,
-                                  precision="auto", packing=packing, log_every=0, progress=False)
+    config = training.TrainConfig(
+        learning_rate=1e-3,
+        batch_size=8,
+        epochs=1,
+        seed=0,
+        device=device,
+        precision="auto",
+        packing=packing,
+        log_every=0,
+        progress=False,
+    )
     _sync(device)
     t0 = time.perf_counter()
     result = training.train(model, tok, train_ex, None, config)
@@ -96,10 +105,14 @@ def train_ours(model_dir: str, train_ex, packing: str, device: str) -> dict[str,
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     losses = result.losses
-    return {"seconds": seconds, "first_loss": losses[0], "last_loss": losses[-1],
-            "mean_last_10": sum(losses[-10:]) / len(losses[-10:]),
-            "precision": training.resolve_precision("auto", torch.device(device)),
-            "peak_gpu_mb": _peak_mb(device)}
+    return {
+        "seconds": seconds,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "mean_last_10": sum(losses[-10:]) / len(losses[-10:]),
+        "precision": training.resolve_precision("auto", torch.device(device)),
+        "peak_gpu_mb": _peak_mb(device),
+    }
 
 
 def train_hf(model_dir: str, train_ex, work: str, device: str) -> dict[str, Any]:
@@ -109,13 +122,29 @@ def train_hf(model_dir: str, train_ex, work: str, device: str) -> dict[str, Any]
     from lumorik_sft.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(model_dir, device=device)
-    args = TrainingArguments(use_cpu=device == "cpu",
-        output_dir=work, per_device_train_batch_size=8, learning_rate=1e-3, num_train_epochs=1,
-        seed=0, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
-        disable_tqdm=True, dataloader_num_workers=0, bf16=device == "cuda", remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, train_dataset=train_ex,
-                      data_collator=SFTCollator(tok.pad_token_id))
+    args = TrainingArguments(
+        use_cpu=device == "cpu",
+        output_dir=work,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        num_train_epochs=1,
+        seed=0,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        bf16=device == "cuda",
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_ex, data_collator=SFTCollator(tok.pad_token_id)
+    )
     _sync(device)
     t0 = time.perf_counter()
     trainer.train()
@@ -144,20 +173,24 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = str(embedded_model_path())
     model, tok = load_model_and_tokenizer(model_dir, device=device)
     train_ex, _ = _encode(tok)
-    train_ex = train_ex[:args.limit]
+    train_ex = train_ex[: args.limit]
     completion_tokens = sum(sum(1 for lab in ex["labels"][1:] if lab != -100) for ex in train_ex)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
         "torch": torch.__version__,
-        "transformers": transformers.__version__, "python": platform.python_version(),
-        "examples": len(train_ex), "completion_tokens": completion_tokens,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "examples": len(train_ex),
+        "completion_tokens": completion_tokens,
         "nll_check": check_packed_nll(model, tok, train_ex, device),
         "nll_check_bf16": check_packed_nll(model, tok, train_ex, device, bf16=True),
     }
     report["lm_head_keeps_rows"] = {k.__name__: v for k, v in fused_loss._HEAD_KEEPS_MASK.items()}
     report["fused_head_loss"] = {type(k).__name__: v for k, v in fused_loss._PLAIN_HEAD.items()}
-    runs = {name: train_ours(model_dir, train_ex, packing, device)
-            for name, packing in (("ours_padded", "none"), ("ours_packed", "bfd"), ("ours_length", "length"))}
+    runs = {
+        name: train_ours(model_dir, train_ex, packing, device)
+        for name, packing in (("ours_padded", "none"), ("ours_packed", "bfd"), ("ours_length", "length"))
+    }
     with tempfile.TemporaryDirectory() as work:
         runs["hf_trainer"] = train_hf(model_dir, train_ex, work, device)
     for r in runs.values():
@@ -182,10 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     report["failures"] = failures
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
-    print(f"{report['device']}: completion tok/s padded {pad['completion_tok_s']:,.0f}, packed "
-          f"{pack['completion_tok_s']:,.0f} ({pack['completion_tok_s'] / pad['completion_tok_s']:.2f}x), "
-          f"HF Trainer {runs['hf_trainer']['completion_tok_s']:,.0f}; "
-          f"{'all checks passed' if not failures else 'FAILED: ' + '; '.join(failures)}")
+    print(
+        f"{report['device']}: completion tok/s padded {pad['completion_tok_s']:,.0f}, packed "
+        f"{pack['completion_tok_s']:,.0f} ({pack['completion_tok_s'] / pad['completion_tok_s']:.2f}x), "
+        f"HF Trainer {runs['hf_trainer']['completion_tok_s']:,.0f}; "
+        f"{'all checks passed' if not failures else 'FAILED: ' + '; '.join(failures)}"
+    )
     return 1 if failures else 0
 
 

@@ -103,11 +103,18 @@ def machine() -> dict[str, Any]:
     import transformers
     import trl
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "trl": trl.__version__, "accelerate": accelerate.__version__,
-            "cuda": torch.cuda.is_available(), "bf16_native": cpu_supports_bf16(),
-            "isa": torch.backends.cpu.get_cpu_capability()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "accelerate": accelerate.__version__,
+        "cuda": torch.cuda.is_available(),
+        "bf16_native": cpu_supports_bf16(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def run_tag(m: dict[str, Any], threads: int, precision: str) -> str:
@@ -143,8 +150,9 @@ def prepare_model(work: Path, quick: bool, model: str | None, texts: list[str], 
     out = work / "model"
     m.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    what = (f"GPT-2 built from config ({size['n_layer']} layers, width {size['width']}, "
-            f"vocab {len(tokenizer)})")
+    what = (
+        f"GPT-2 built from config ({size['n_layer']} layers, width {size['width']}, vocab {len(tokenizer)})"
+    )
     return str(out), what + (", random init" if quick else ", random init (no embedded model)")
 
 
@@ -194,11 +202,23 @@ def _autocast(precision: str):
 
 def _hf_args(spec: dict, out: str, **extra):
     common = dict(
-        output_dir=out, per_device_train_batch_size=spec["batch_size"], learning_rate=spec["lr"],
-        num_train_epochs=1, seed=spec["seed"], lr_scheduler_type="linear", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, logging_strategy="no", save_strategy="no",
-        eval_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
-        bf16=spec["precision"] == "bf16", use_cpu=not torch.cuda.is_available(),
+        output_dir=out,
+        per_device_train_batch_size=spec["batch_size"],
+        learning_rate=spec["lr"],
+        num_train_epochs=1,
+        seed=spec["seed"],
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        bf16=spec["precision"] == "bf16",
+        use_cpu=not torch.cuda.is_available(),
     )
     return {**common, **extra}
 
@@ -231,18 +251,24 @@ def run_contestant(name: str, spec: dict) -> dict[str, Any]:
     train_ex, _ = encoding.encode_records(spec["train"], tok, max_length=spec["max_length"])
     val_ex, _ = encoding.encode_records(spec["val"], tok, max_length=spec["max_length"])
     collate = encoding.SFTCollator(tok.pad_token_id)
-    val_batches = [collate(val_ex[i:i + 16]) for i in range(0, len(val_ex), 16)]
+    val_batches = [collate(val_ex[i : i + 16]) for i in range(0, len(val_ex), 16)]
     steps = math.ceil(len(train_ex) / spec["batch_size"])
     probe = Probe(model, val_batches, max(1, steps // 10))
     marks: dict[str, Any] = {}
     torch.manual_seed(spec["seed"])
 
     if name == "naive":
-        rows = [encoding.naive_encode(tok, r["prompt"], r["completion"], max_length=spec["max_length"])
-                for r in spec["train"]]
+        rows = [
+            encoding.naive_encode(tok, r["prompt"], r["completion"], max_length=spec["max_length"])
+            for r in spec["train"]
+        ]
         data = [{k: torch.tensor(v) for k, v in r.items()} for r in rows]
-        loader = DataLoader(data, batch_size=spec["batch_size"], shuffle=True,
-                            generator=torch.Generator().manual_seed(spec["seed"]))
+        loader = DataLoader(
+            data,
+            batch_size=spec["batch_size"],
+            shuffle=True,
+            generator=torch.Generator().manual_seed(spec["seed"]),
+        )
 
         class Probed:
             def __iter__(self):
@@ -258,9 +284,17 @@ def run_contestant(name: str, spec: dict) -> dict[str, Any]:
     elif name.startswith("ours"):
         packing = {"ours_padded": "none", "ours_packed": "bfd", "ours_length": "length"}[name]
         config = training.TrainConfig(
-            learning_rate=spec["lr"], batch_size=spec["batch_size"], epochs=1, seed=spec["seed"],
-            device="cpu", precision=spec["precision"], packing=packing, log_every=0, progress=False,
-            pad_to_multiple_of=spec["pad_multiple"] or None)
+            learning_rate=spec["lr"],
+            batch_size=spec["batch_size"],
+            epochs=1,
+            seed=spec["seed"],
+            device="cpu",
+            precision=spec["precision"],
+            packing=packing,
+            log_every=0,
+            progress=False,
+            pad_to_multiple_of=spec["pad_multiple"] or None,
+        )
 
         def cb(event):
             if event["event"] == "step":
@@ -275,25 +309,41 @@ def run_contestant(name: str, spec: dict) -> dict[str, Any]:
         from trl import SFTConfig, SFTTrainer
 
         ignore = encoding.IGNORE_INDEX
-        ds = Dataset.from_list([{"input_ids": ex["input_ids"],
-                                 "completion_mask": [int(lab != ignore) for lab in ex["labels"]]}
-                                for ex in train_ex])
+        ds = Dataset.from_list(
+            [
+                {
+                    "input_ids": ex["input_ids"],
+                    "completion_mask": [int(lab != ignore) for lab in ex["labels"]],
+                }
+                for ex in train_ex
+            ]
+        )
         # Our token ids and completion masks; completion_only_loss=True is what TRL's default
         # (None) means for prompt-completion data, which is what these pairs are.
         extra = {"max_length": spec["max_length"], "completion_only_loss": True}
         if name == "trl_packing":
             extra["packing"] = True
         args = SFTConfig(**_hf_args(spec, spec["work"] + "/" + name, **extra))
-        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                             callbacks=[_trainer_callback(probe, marks)])
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=ds,
+            processing_class=tok,
+            callbacks=[_trainer_callback(probe, marks)],
+        )
         marks["trl_gradient_checkpointing"] = args.gradient_checkpointing
         trainer.train()
     elif name == "hf_trainer":
         from transformers import Trainer, TrainingArguments
 
         args = TrainingArguments(**_hf_args(spec, spec["work"] + "/" + name, remove_unused_columns=False))
-        trainer = Trainer(model=model, args=args, train_dataset=train_ex, data_collator=collate,
-                          callbacks=[_trainer_callback(probe, marks)])
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_ex,
+            data_collator=collate,
+            callbacks=[_trainer_callback(probe, marks)],
+        )
         trainer.train()
     else:
         raise ValueError(f"unknown contestant {name!r}; choose from {', '.join(CONTESTANTS)}")
@@ -301,19 +351,35 @@ def run_contestant(name: str, spec: dict) -> dict[str, Any]:
     model.eval()
     probe.step(marks.get("steps", steps), force=True)
     final = probe.curve[-1][2]
-    return {"name": name, "seconds": marks["seconds"], "steps": marks.get("steps"),
-            "final_val_loss": final, "curve": probe.curve,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "precision": spec["precision"], "threads": torch.get_num_threads(),
-            **{k: v for k, v in marks.items() if k not in ("seconds", "steps")}}
+    return {
+        "name": name,
+        "seconds": marks["seconds"],
+        "steps": marks.get("steps"),
+        "final_val_loss": final,
+        "curve": probe.curve,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "precision": spec["precision"],
+        "threads": torch.get_num_threads(),
+        **{k: v for k, v in marks.items() if k not in ("seconds", "steps")},
+    }
 
 
 # --------------------------------------------------------------------------- parent side
 
 
-def executed_work(lengths: list[int], completion_tokens: int, batches: list[list[int]], *,
-                  linear: int, head: int, n_layer: int, d: int, multiple: int = 0,
-                  checkpointing: bool = True, last_mlp: int = 0) -> dict[str, float]:
+def executed_work(
+    lengths: list[int],
+    completion_tokens: int,
+    batches: list[list[int]],
+    *,
+    linear: int,
+    head: int,
+    n_layer: int,
+    d: int,
+    multiple: int = 0,
+    checkpointing: bool = True,
+    last_mlp: int = 0,
+) -> dict[str, float]:
     """Nominal FLOPs of one epoch as each loop actually runs it, for compute-bound ceilings.
 
     6·linear per token and 6·n_layer·d per query-key pair (forward + backward), over the tokens
@@ -344,8 +410,12 @@ def executed_work(lengths: list[int], completion_tokens: int, batches: list[list
     padded_all = flops(padded_cost, padded_cost.computed_tokens)  # TRL: no rounding
     body = padded_all - 6 * head * padded_cost.computed_tokens
     trl = padded_all + (body / 3 if checkpointing else 0)
-    return {"ours_packed": packed, "ours_padded": padded, "trl_default": trl,
-            "padded_tokens": padded_cost.computed_tokens}
+    return {
+        "ours_packed": packed,
+        "ours_padded": padded,
+        "trl_default": trl,
+        "padded_tokens": padded_cost.computed_tokens,
+    }
 
 
 def useful_work(spec: dict) -> dict[str, Any]:
@@ -353,7 +423,7 @@ def useful_work(spec: dict) -> dict[str, Any]:
     from lumorik_sft import encoding
     from lumorik_sft.models import count_parameters, load_model_and_tokenizer
     from lumorik_sft.packing import plan_micro_batches
-    from lumorik_sft.training import epoch_order
+    from lumorik_sft.schedule import epoch_order
 
     model, tok = load_model_and_tokenizer(spec["model_dir"], device="cpu")
     train_ex, report = encoding.encode_records(spec["train"], tok, max_length=spec["max_length"])
@@ -372,21 +442,39 @@ def useful_work(spec: dict) -> dict[str, Any]:
     head = model.get_output_embeddings().weight.numel()
     head_skipped = 6 * head * (sum(lengths) - report.completion_tokens)
     # Our padded loop's batches (epoch 1; TRL's sampler makes its own, of the same size).
-    batches = plan_micro_batches(epoch_order(len(lengths), spec["seed"], 1), lengths,
-                                 spec["batch_size"])
+    batches = plan_micro_batches(epoch_order(len(lengths), spec["seed"], 1), lengths, spec["batch_size"])
     last_mlp = 0
     if spec.get("last_mlp_kept_rows", True):
         from lumorik_sft.fused_loss import _last_block
 
         last_mlp = sum(p.numel() for p in _last_block(model).mlp.parameters() if p.ndim == 2)
-    executed = executed_work(lengths, report.completion_tokens, batches, linear=linear, head=head,
-                             n_layer=n_layer, d=d, multiple=spec["pad_multiple"], last_mlp=last_mlp)
-    return {"executed": executed, "last_mlp_params_skipped": last_mlp, "examples": len(train_ex),
-            "completion_tokens": report.completion_tokens,
-            "head_flops_skipped_by_ours": head_skipped,
-            "real_tokens": sum(lengths), "useful_flops": flops, "matmul_params": linear,
-            "parameters": count_parameters(model), "n_layer": n_layer, "d_model": d,
-            "vocab": cfg.vocab_size, "mean_length": sum(lengths) / len(lengths), "max_len": max(lengths)}
+    executed = executed_work(
+        lengths,
+        report.completion_tokens,
+        batches,
+        linear=linear,
+        head=head,
+        n_layer=n_layer,
+        d=d,
+        multiple=spec["pad_multiple"],
+        last_mlp=last_mlp,
+    )
+    return {
+        "executed": executed,
+        "last_mlp_params_skipped": last_mlp,
+        "examples": len(train_ex),
+        "completion_tokens": report.completion_tokens,
+        "head_flops_skipped_by_ours": head_skipped,
+        "real_tokens": sum(lengths),
+        "useful_flops": flops,
+        "matmul_params": linear,
+        "parameters": count_parameters(model),
+        "n_layer": n_layer,
+        "d_model": d,
+        "vocab": cfg.vocab_size,
+        "mean_length": sum(lengths) / len(lengths),
+        "max_len": max(lengths),
+    }
 
 
 def run_all(names: list[str], spec: dict) -> list[dict]:
@@ -400,8 +488,11 @@ def run_all(names: list[str], spec: dict) -> list[dict]:
         # session): measure it again right before each contestant, which then runs alone.
         peak_now = matmul_peak(dtype, spec["threads"], spec["peak_seconds"])
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--spec", str(spec_path),
-                               "--result", str(out)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", name, "--spec", str(spec_path), "--result", str(out)],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             print(f"{name}: FAILED\n{proc.stderr[-3000:]}", flush=True)
             results.append({"name": name, "error": proc.stderr.strip().splitlines()[-1:]})
@@ -410,8 +501,11 @@ def run_all(names: list[str], spec: dict) -> list[dict]:
         r["wall_seconds"] = time.perf_counter() - t0
         r["peak_now"] = peak_now
         results.append(r)
-        print(f"{name:12s} {r['seconds']:8.1f} s train  val {r['final_val_loss']:.4f}  "
-              f"rss {r['peak_rss_mb']:.0f} MB", flush=True)
+        print(
+            f"{name:12s} {r['seconds']:8.1f} s train  val {r['final_val_loss']:.4f}  "
+            f"rss {r['peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
     return results
 
 
@@ -438,19 +532,29 @@ def summarise(results: list[dict], work: dict, peaks: dict, precision: str) -> d
     def ratio(a: str, b: str) -> float | None:
         return ok[a]["completion_tok_s"] / ok[b]["completion_tok_s"] if a in ok and b in ok else None
 
-    return {"target_val_loss": target, "ceilings": {
-        "packed_vs_padded": executed["ours_padded"] / executed["ours_packed"],
-        "packed_vs_trl_default": executed["trl_default"] / executed["ours_packed"],
-    }, "ratios": {
-        "packed_vs_trl_default": ratio("ours_packed", "trl_default"),
-        "packed_vs_padded": ratio("ours_packed", "ours_padded"),
-        "length_vs_trl_default": ratio("ours_length", "trl_default"),
-        "length_vs_padded": ratio("ours_length", "ours_padded"),
-        "rss_packed_vs_trl_default": (ok["ours_packed"]["peak_rss_mb"] / ok["trl_default"]["peak_rss_mb"]
-                                      if "ours_packed" in ok and ref else None),
-        "val_packed_vs_trl_default": (ok["ours_packed"]["final_val_loss"] / ref["final_val_loss"] - 1
-                                      if "ours_packed" in ok and ref else None),
-    }}
+    return {
+        "target_val_loss": target,
+        "ceilings": {
+            "packed_vs_padded": executed["ours_padded"] / executed["ours_packed"],
+            "packed_vs_trl_default": executed["trl_default"] / executed["ours_packed"],
+        },
+        "ratios": {
+            "packed_vs_trl_default": ratio("ours_packed", "trl_default"),
+            "packed_vs_padded": ratio("ours_packed", "ours_padded"),
+            "length_vs_trl_default": ratio("ours_length", "trl_default"),
+            "length_vs_padded": ratio("ours_length", "ours_padded"),
+            "rss_packed_vs_trl_default": (
+                ok["ours_packed"]["peak_rss_mb"] / ok["trl_default"]["peak_rss_mb"]
+                if "ours_packed" in ok and ref
+                else None
+            ),
+            "val_packed_vs_trl_default": (
+                ok["ours_packed"]["final_val_loss"] / ref["final_val_loss"] - 1
+                if "ours_packed" in ok and ref
+                else None
+            ),
+        },
+    }
 
 
 def val_over_seeds(results: list[dict], reruns: list[dict], seed: int) -> dict[str, Any] | None:
@@ -477,11 +581,17 @@ def val_over_seeds(results: list[dict], reruns: list[dict], seed: int) -> dict[s
     def speed(a: str, b: str) -> float | None:
         return total[b] / total[a] if a in total and b in total else None
 
-    return {"seeds": common, "losses": {n: [losses[n][s] for s in common] for n in names},
-            "seconds": {n: [seconds[n][s] for s in common] for n in names}, "mean": mean,
-            "packed_vs_trl_default": mean["ours_packed"] / mean["trl_default"] - 1,
-            "speed": {"packed_vs_trl_default": speed("ours_packed", "trl_default"),
-                      "packed_vs_padded": speed("ours_packed", "ours_padded")}}
+    return {
+        "seeds": common,
+        "losses": {n: [losses[n][s] for s in common] for n in names},
+        "seconds": {n: [seconds[n][s] for s in common] for n in names},
+        "mean": mean,
+        "packed_vs_trl_default": mean["ours_packed"] / mean["trl_default"] - 1,
+        "speed": {
+            "packed_vs_trl_default": speed("ours_packed", "trl_default"),
+            "packed_vs_padded": speed("ours_packed", "ours_padded"),
+        },
+    }
 
 
 def _f(x, fmt: str) -> str:
@@ -506,15 +616,18 @@ def write_report(out: Path, payload: dict) -> str:
         "",
         f"Generated by `python benchmarks/bench_sft.py{' --quick' if payload['quick'] else ''}` "
         f"on {payload['date']}"
-        + (f"; derived figures recomputed on {payload['resummarised']} with `--resummarise`."
-           if payload.get("resummarised") else "."),
+        + (
+            f"; derived figures recomputed on {payload['resummarised']} with `--resummarise`."
+            if payload.get("resummarised")
+            else "."
+        ),
         "",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {payload['threads']} torch threads; CUDA: {m['cuda']}.",
         f"- Versions: Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
         f"trl {m['trl']}, accelerate {m['accelerate']}.",
         f"- Measured matmul peak ({payload['threads']} threads): fp32 {payload['peaks']['fp32'] / 1e9:.0f} "
         f"GFLOP/s, bf16 {payload['peaks']['bf16'] / 1e9:.0f} GFLOP/s{bf16_note} at the start of the run, "
-        "and again just before each contestant (\"peak before its run\"; this machine's speed drifts). "
+        'and again just before each contestant ("peak before its run"; this machine\'s speed drifts). '
         f"Precision used by every contestant: **{payload['precision']}**.",
         f"- Model: {payload['model']}; {w['parameters']:,} parameters ({w['matmul_params']:,} in matmuls), "
         f"{w['n_layer']} layers, width {w['d_model']}, vocab {w['vocab']:,}.",
@@ -550,7 +663,8 @@ def write_report(out: Path, payload: dict) -> str:
             f"| {label} | {r['steps']} | {r['seconds']:.1f} | {r['completion_tok_s']:,.0f} | "
             f"{r['all_tok_s']:,.0f} | {r['useful_flop_s'] / 1e9:.1f} | {100 * r['peak_fraction']:.1f}% | "
             f"{r['peak_now'] / 1e9:.0f} | {100 * r['peak_fraction_now']:.1f}% | "
-            f"{r['peak_rss_mb']:.0f} | {_f(r['time_to_target'], '.1f')} | {r['final_val_loss']:.4f} |")
+            f"{r['peak_rss_mb']:.0f} | {_f(r['time_to_target'], '.1f')} | {r['final_val_loss']:.4f} |"
+        )
     rt = s["ratios"]
     vs = s.get("val_over_seeds")
     sp = vs.get("speed", {}) if vs else {}
@@ -560,23 +674,29 @@ def write_report(out: Path, payload: dict) -> str:
             return ""
         return f"; over training seeds {', '.join(map(str, vs['seeds']))} (summed times): {_x(sp[key])}"
 
-    lines += ["", "## Against the issue's targets", "",
-              f"- Packed vs TRL default, completion tokens/s: {_x(rt['packed_vs_trl_default'])} at seed "
-              f"{payload['seed']}{over_seeds('packed_vs_trl_default')} (target >= 3x).",
-              f"- Packed vs our padded loop: {_x(rt['packed_vs_padded'])} at seed {payload['seed']}"
-              f"{over_seeds('packed_vs_padded')} (target >= 1.3x).",
-              f"- Length-grouped vs TRL default: {_x(rt['length_vs_trl_default'])}; vs padded: "
-              f"{_x(rt['length_vs_padded'])}.",
-              f"- Final val loss, packed vs TRL default: {_f(rt['val_packed_vs_trl_default'], '+.2%')} "
-              f"at seed {payload['seed']}" + (
-                  f"; mean over training seeds {', '.join(map(str, vs['seeds']))}: "
-                  f"{vs['packed_vs_trl_default']:+.2%} (ours "
-                  f"{', '.join(f'{x:.4f}' for x in vs['losses']['ours_packed'])}; TRL "
-                  f"{', '.join(f'{x:.4f}' for x in vs['losses']['trl_default'])})"
-                  if vs else "") + " (target within 2%).",
-              f"- Peak RSS, packed / TRL default: {_f(rt['rss_packed_vs_trl_default'], '.2f')} "
-              "(target <= 0.6).",
-              ]
+    lines += [
+        "",
+        "## Against the issue's targets",
+        "",
+        f"- Packed vs TRL default, completion tokens/s: {_x(rt['packed_vs_trl_default'])} at seed "
+        f"{payload['seed']}{over_seeds('packed_vs_trl_default')} (target >= 3x).",
+        f"- Packed vs our padded loop: {_x(rt['packed_vs_padded'])} at seed {payload['seed']}"
+        f"{over_seeds('packed_vs_padded')} (target >= 1.3x).",
+        f"- Length-grouped vs TRL default: {_x(rt['length_vs_trl_default'])}; vs padded: "
+        f"{_x(rt['length_vs_padded'])}.",
+        f"- Final val loss, packed vs TRL default: {_f(rt['val_packed_vs_trl_default'], '+.2%')} "
+        f"at seed {payload['seed']}"
+        + (
+            f"; mean over training seeds {', '.join(map(str, vs['seeds']))}: "
+            f"{vs['packed_vs_trl_default']:+.2%} (ours "
+            f"{', '.join(f'{x:.4f}' for x in vs['losses']['ours_packed'])}; TRL "
+            f"{', '.join(f'{x:.4f}' for x in vs['losses']['trl_default'])})"
+            if vs
+            else ""
+        )
+        + " (target within 2%).",
+        f"- Peak RSS, packed / TRL default: {_f(rt['rss_packed_vs_trl_default'], '.2f')} (target <= 0.6).",
+    ]
     ce = s["ceilings"]
     ran = {r["name"]: r for r in payload["results"] if "executed_flop_s" in r}
     lines += [
@@ -585,17 +705,27 @@ def write_report(out: Path, payload: dict) -> str:
         f"{ce['packed_vs_trl_default']:.2f}x (padding, the LM head on every position, gradient "
         "checkpointing's second forward; `executed_work`). These are the ratios at equal FLOP/s; "
         "the rest is speed per FLOP. FLOP/s executed, against the peak measured before each run: "
-        + "; ".join(f"{CONTESTANTS[n].split(' (')[0]} {r['executed_flop_s'] / 1e9:.1f} GFLOP/s "
-                    f"({100 * r['executed_fraction']:.0f}%)" for n, r in ran.items()) + "."]
-    best = max((r for r in payload["results"] if "error" not in r), key=lambda r: r["peak_fraction"],
-               default=None)
+        + "; ".join(
+            f"{CONTESTANTS[n].split(' (')[0]} {r['executed_flop_s'] / 1e9:.1f} GFLOP/s "
+            f"({100 * r['executed_fraction']:.0f}%)"
+            for n, r in ran.items()
+        )
+        + "."
+    ]
+    best = max(
+        (r for r in payload["results"] if "error" not in r), key=lambda r: r["peak_fraction"], default=None
+    )
     if best is not None:
-        lines.append(f"- Best useful-FLOP share of the {payload['precision']} matmul peak: "
-                     f"{100 * best['peak_fraction']:.1f}% of the run-start peak, "
-                     f"{100 * best['peak_fraction_now']:.1f}% of the peak measured just before its "
-                     f"run ({CONTESTANTS[best['name']]}; target >= 40%).")
+        lines.append(
+            f"- Best useful-FLOP share of the {payload['precision']} matmul peak: "
+            f"{100 * best['peak_fraction']:.1f}% of the run-start peak, "
+            f"{100 * best['peak_fraction_now']:.1f}% of the peak measured just before its "
+            f"run ({CONTESTANTS[best['name']]}; target >= 40%)."
+        )
     lines += [
-        "", "## Notes", "",
+        "",
+        "## Notes",
+        "",
         "- TRL runs with its own defaults (gradient checkpointing on, its collator, "
         "its sampler) except for what every contestant shares: learning rate, batch size, one epoch, "
         "seed, max length 256, no warmup, no logging or saving, and the precision (bf16 "
@@ -612,17 +742,25 @@ def write_report(out: Path, payload: dict) -> str:
         "- All our loops run the LM head on supervised positions only, fused with the loss "
         "(`fused_loss.linear_cross_entropy`: 256 rows at a time, the [rows, vocab] logits never held "
         "whole)"
-        + (", and the last block's MLP on those positions only (`fused_loss._last_mlp_on_kept_rows`)"
-           if payload.get("last_mlp_kept_rows") else "")
+        + (
+            ", and the last block's MLP on those positions only (`fused_loss._last_mlp_on_kept_rows`)"
+            if payload.get("last_mlp_kept_rows")
+            else ""
+        )
         + ", use PyTorch's fused AdamW and swap GPT-2's Python GELU for the fused tanh GELU "
         "while training (`TrainConfig.fused_activations`); the padded loop keeps the model's SDPA "
         "attention.",
         "- Peak RSS is each subprocess's own `ru_maxrss`; most of it is the imported libraries.",
-        ("- This machine has no GPU: every figure here is CPU-only. The CUDA path is checked and timed "
-         "by `benchmarks/bench_cuda.py` (last run, on an H100: `benchmarks/bench_cuda.json`).")
-        if not m["cuda"] else
-        "- A GPU was present but every contestant ran on the CPU (device='cpu').",
-        "", "![throughput and validation curves](bench_sft.png)", ""]
+        (
+            "- This machine has no GPU: every figure here is CPU-only. The CUDA path is checked and timed "
+            "by `benchmarks/bench_cuda.py` (last run, on an H100: `benchmarks/bench_cuda.json`)."
+        )
+        if not m["cuda"]
+        else "- A GPU was present but every contestant ran on the CPU (device='cpu').",
+        "",
+        "![throughput and validation curves](bench_sft.png)",
+        "",
+    ]
     text = "\n".join(lines)
     (out / "RESULTS.md").write_text(text)
     return text
@@ -631,16 +769,19 @@ def write_report(out: Path, payload: dict) -> str:
 def write_index(root: Path) -> str:
     """`root`/RESULTS.md: the headline figures of every full run under `root`/runs, one line each."""
     lines = [
-        "# SFT benchmark runs", "",
+        "# SFT benchmark runs",
+        "",
         "`python benchmarks/bench_sft.py` keeps one folder per kind of machine and precision under "
         "`runs/`, with the full report (`RESULTS.md`: machine, versions, every contestant), "
         "`bench_sft.json` and a plot, and rewrites this index from them. Targets (issue #7): "
         "packed >= 3x TRL default and >= 1.3x our padded loop in completion tokens/s, final "
         "validation loss within 2% of TRL's, >= 40% of the matmul peak in useful FLOP/s, peak RSS "
         "<= 0.6x TRL's. \"Ceiling\" is the ratio of FLOPs the two loops execute (padding, TRL's "
-        "full LM head and recomputation): the speed-up at equal FLOP/s.", "",
+        "full LM head and recomputation): the speed-up at equal FLOP/s.",
+        "",
         "Speed ratios are given at the main seed and, after the dot, over all training seeds "
-        "(summed times, steadier on a machine whose speed drifts).", "",
+        "(summed times, steadier on a machine whose speed drifts).",
+        "",
         "| run | date | machine | precision, matmul peak | packed / TRL (ceiling) | packed / padded "
         "(ceiling) | useful FLOP/s, % of peak | RSS packed / TRL | val loss vs TRL, mean of seeds |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -664,7 +805,8 @@ def write_index(root: Path) -> str:
             f"({_x(ce.get('packed_vs_padded'))}) | "
             f"{_f(packed and packed['peak_fraction'], '.1%')} | "
             f"{_f(rt['rss_packed_vs_trl_default'], '.2f')} | "
-            f"{_f(vs['packed_vs_trl_default'] if vs else rt['val_packed_vs_trl_default'], '+.2%')} |")
+            f"{_f(vs['packed_vs_trl_default'] if vs else rt['val_packed_vs_trl_default'], '+.2%')} |"
+        )
     text = "\n".join(lines) + "\n"
     (root / "RESULTS.md").write_text(text)
     return text
@@ -709,10 +851,15 @@ def resummarise(run_dir: Path) -> dict:
     train, _ = make_records(payload["quick"], payload["seed"])
     with tempfile.TemporaryDirectory(prefix="bench_sft_") as tmp:
         model_dir, _ = prepare_model(Path(tmp), payload["quick"], None, [], payload["seed"])
-        spec = {"model_dir": model_dir, "train": train, "max_length": payload["max_length"],
-                "batch_size": payload["batch_size"], "seed": payload["seed"],
-                "pad_multiple": payload["pad_multiple"],
-                "last_mlp_kept_rows": payload.get("last_mlp_kept_rows", False)}
+        spec = {
+            "model_dir": model_dir,
+            "train": train,
+            "max_length": payload["max_length"],
+            "batch_size": payload["batch_size"],
+            "seed": payload["seed"],
+            "pad_multiple": payload["pad_multiple"],
+            "last_mlp_kept_rows": payload.get("last_mlp_kept_rows", False),
+        }
         work = useful_work(spec)
     derived = {"executed", "last_mlp_params_skipped"}  # what today's code computes from the rest
     changed = [k for k, v in payload["work"].items() if k not in derived and work.get(k) != v]
@@ -727,8 +874,7 @@ def resummarise(run_dir: Path) -> dict:
 def _summary(payload: dict) -> dict[str, Any]:
     """Ceilings, ratios and the over-seeds figures of a run, from its timings and work."""
     summary = summarise(payload["results"], payload["work"], payload["peaks"], payload["precision"])
-    summary["val_over_seeds"] = val_over_seeds(payload["results"], payload["val_reruns"],
-                                               payload["seed"])
+    summary["val_over_seeds"] = val_over_seeds(payload["results"], payload["val_reruns"], payload["seed"])
     return summary
 
 
@@ -745,29 +891,51 @@ def _write_run(out: Path, payload: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model and data: a smoke run in seconds")
-    p.add_argument("--out", default=None, help="where RESULTS.md, bench_sft.json/png go "
-                   "(default: benchmarks/runs/<machine>-<precision>/, then benchmarks/RESULTS.md "
-                   "indexes every run there)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="where RESULTS.md, bench_sft.json/png go "
+        "(default: benchmarks/runs/<machine>-<precision>/, then benchmarks/RESULTS.md "
+        "indexes every run there)",
+    )
     p.add_argument("--model", default=None, help="model folder or name (default: the embedded model)")
-    p.add_argument("--contestants", default=",".join(CONTESTANTS),
-                   help=f"comma-separated subset of {', '.join(CONTESTANTS)}")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast when the measured bf16 matmul peak is 1.3x fp32's")
+    p.add_argument(
+        "--contestants",
+        default=",".join(CONTESTANTS),
+        help=f"comma-separated subset of {', '.join(CONTESTANTS)}",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 autocast when the measured bf16 matmul peak is 1.3x fp32's",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=None, help="default: the model card's, else 1e-3")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pad-multiple", type=int, default=None,
-                   help="our loops round batch widths to this (default: 64 in bf16, where oneDNN "
-                        "caches kernels per shape; none in fp32)")
-    p.add_argument("--val-seeds", default="1,2",
-                   help="extra training seeds (data order) on which ours_packed, ours_padded and "
-                        "trl_default are re-run: one seed's final loss moves by several %% with the "
-                        "order alone, one run's time with the machine (default: 1,2; '' for none)")
-    p.add_argument("--resummarise", default=None, metavar="RUN_DIR",
-                   help="recompute a recorded run's derived figures (ceilings, executed FLOP/s) "
-                        "without re-timing it, then rewrite its report and the index")
+    p.add_argument(
+        "--pad-multiple",
+        type=int,
+        default=None,
+        help="our loops round batch widths to this (default: 64 in bf16, where oneDNN "
+        "caches kernels per shape; none in fp32)",
+    )
+    p.add_argument(
+        "--val-seeds",
+        default="1,2",
+        help="extra training seeds (data order) on which ours_packed, ours_padded and "
+        "trl_default are re-run: one seed's final loss moves by several %% with the "
+        "order alone, one run's time with the machine (default: 1,2; '' for none)",
+    )
+    p.add_argument(
+        "--resummarise",
+        default=None,
+        metavar="RUN_DIR",
+        help="recompute a recorded run's derived figures (ceilings, executed FLOP/s) "
+        "without re-timing it, then rewrite its report and the index",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -786,10 +954,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(names) - set(CONTESTANTS)
     if unknown:
         p.error(f"unknown contestants {sorted(unknown)}; choose from {', '.join(CONTESTANTS)}")
-    peaks = {"fp32": matmul_peak(torch.float32, args.threads, 0.3 if args.quick else 1.5),
-             "bf16": matmul_peak(torch.bfloat16, args.threads, 0.3 if args.quick else 1.5)}
-    print(f"matmul peak, {args.threads} threads: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
-          f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
+    peaks = {
+        "fp32": matmul_peak(torch.float32, args.threads, 0.3 if args.quick else 1.5),
+        "bf16": matmul_peak(torch.bfloat16, args.threads, 0.3 if args.quick else 1.5),
+    }
+    print(
+        f"matmul peak, {args.threads} threads: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s",
+        flush=True,
+    )
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if peaks["bf16"] >= 1.3 * peaks["fp32"] else "fp32"
@@ -798,17 +971,32 @@ def main(argv: list[str] | None = None) -> int:
 
     train, val = make_records(args.quick, args.seed)
     with tempfile.TemporaryDirectory(prefix="bench_sft_") as tmp:
-        model_dir, model_label = prepare_model(Path(tmp), args.quick, args.model,
-                                               [r["prompt"] + "\n" + r["completion"] for r in train],
-                                               args.seed)
+        model_dir, model_label = prepare_model(
+            Path(tmp),
+            args.quick,
+            args.model,
+            [r["prompt"] + "\n" + r["completion"] for r in train],
+            args.seed,
+        )
         lr = args.lr if args.lr is not None else recommended_learning_rate(model_dir)
-        pad_multiple = args.pad_multiple if args.pad_multiple is not None else (
-            64 if precision == "bf16" else 0)
-        spec = {"pad_multiple": pad_multiple, "last_mlp_kept_rows": True,
-                "model_dir": model_dir, "train": train, "val": val,
-                "max_length": args.max_length,
-                "batch_size": args.batch_size, "lr": lr, "seed": args.seed, "precision": precision,
-                "threads": args.threads, "work": tmp, "peak_seconds": 0.3 if args.quick else 1.5}
+        pad_multiple = (
+            args.pad_multiple if args.pad_multiple is not None else (64 if precision == "bf16" else 0)
+        )
+        spec = {
+            "pad_multiple": pad_multiple,
+            "last_mlp_kept_rows": True,
+            "model_dir": model_dir,
+            "train": train,
+            "val": val,
+            "max_length": args.max_length,
+            "batch_size": args.batch_size,
+            "lr": lr,
+            "seed": args.seed,
+            "precision": precision,
+            "threads": args.threads,
+            "work": tmp,
+            "peak_seconds": 0.3 if args.quick else 1.5,
+        }
         work = useful_work(spec)
         results = run_all(names, spec)
         seeds = [int(x) for x in args.val_seeds.split(",") if x.strip()]
@@ -818,21 +1006,38 @@ def main(argv: list[str] | None = None) -> int:
             print(f"validation-loss rerun, training seed {extra_seed}:", flush=True)
             seed_dir = Path(tmp) / f"seed{extra_seed}"
             seed_dir.mkdir()
-            reruns += [dict(r, seed=extra_seed)
-                       for r in run_all(pair, {**spec, "seed": extra_seed, "work": str(seed_dir)})]
-    payload = {"quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "machine": machine(), "threads": args.threads, "peaks": peaks, "precision": precision,
-               "model": model_label, "work": work, "n_val": len(val), "batch_size": args.batch_size,
-               "lr": lr, "seed": args.seed, "max_length": args.max_length, "results": results,
-               "pad_multiple": spec["pad_multiple"], "val_reruns": reruns,
-               "last_mlp_kept_rows": True}
+            reruns += [
+                dict(r, seed=extra_seed)
+                for r in run_all(pair, {**spec, "seed": extra_seed, "work": str(seed_dir)})
+            ]
+    payload = {
+        "quick": args.quick,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "threads": args.threads,
+        "peaks": peaks,
+        "precision": precision,
+        "model": model_label,
+        "work": work,
+        "n_val": len(val),
+        "batch_size": args.batch_size,
+        "lr": lr,
+        "seed": args.seed,
+        "max_length": args.max_length,
+        "results": results,
+        "pad_multiple": spec["pad_multiple"],
+        "val_reruns": reruns,
+        "last_mlp_kept_rows": True,
+    }
     payload["summary"] = _summary(payload)
     out = Path(args.out) if args.out else RUNS / run_tag(payload["machine"], args.threads, precision)
     _write_run(out, payload)
     rt = payload["summary"]["ratios"]
-    print(f"packed vs TRL default: {_x(rt['packed_vs_trl_default'])} completion tokens/s; "
-          f"packed vs our padded loop: {_x(rt['packed_vs_padded'])} "
-          f"(length-grouped: {_x(rt['length_vs_trl_default'])} and {_x(rt['length_vs_padded'])})")
+    print(
+        f"packed vs TRL default: {_x(rt['packed_vs_trl_default'])} completion tokens/s; "
+        f"packed vs our padded loop: {_x(rt['packed_vs_padded'])} "
+        f"(length-grouped: {_x(rt['length_vs_trl_default'])} and {_x(rt['length_vs_padded'])})"
+    )
     return 0
 
 

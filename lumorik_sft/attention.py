@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lumorik_sft.distributed import unwrap
 from lumorik_sft.encoding import round_up
 
 _VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
@@ -54,7 +55,7 @@ def mask_kind_for(model: torch.nn.Module | None) -> str:
     float one (0 / very negative); flash attention takes no 4-D mask and finds example
     boundaries in the restarted position ids instead.
     """
-    base = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    base = unwrap(model)
     impl = getattr(getattr(base, "config", None), "_attn_implementation", None) or "sdpa"
     if impl == "eager":
         return "float"
@@ -93,7 +94,7 @@ def model_inputs(model: torch.nn.Module, batch: Mapping[str, Any]) -> Iterator[d
     example boundaries from restarted position ids (flash attention's layout).
     """
     inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
-    if accepts(getattr(model, "module", model), "use_cache"):  # DDP wraps the model
+    if accepts(unwrap(model), "use_cache"):
         inputs["use_cache"] = False
     if "cu_seq_lens_q" not in batch:
         yield inputs
@@ -135,7 +136,7 @@ def varlen_attention(model: torch.nn.Module) -> Iterator[None]:
 
     if VARLEN_ATTENTION not in AttentionInterface._global_mapping:
         AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
-    config = getattr(model, "module", model).config
+    config = unwrap(model).config
     previous = config._attn_implementation
     before = _VarlenCalls.count
     config._attn_implementation = VARLEN_ATTENTION
@@ -147,7 +148,8 @@ def varlen_attention(model: torch.nn.Module) -> Iterator[None]:
         raise RuntimeError(
             f"{type(getattr(model, 'module', model)).__name__} did not call the varlen attention "
             "for a padding-free packed batch, so its examples would attend to each other; pack "
-            "with PackedCollator(mask='bool') (4-D block masks) for this model instead")
+            "with PackedCollator(mask='bool') (4-D block masks) for this model instead"
+        )
 
 
 # --------------------------------------------------------------------------- the kernels
@@ -160,9 +162,16 @@ class _VarlenCalls:
 
 
 def varlen_sdpa_attention(
-    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-    cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None, **kwargs: Any,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Causal SDPA on each example of a padding-free row; the AttentionInterface signature.
 
@@ -175,8 +184,9 @@ def varlen_sdpa_attention(
     if cu_seq_lens_q is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                      dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if query.shape[0] != 1:
         raise ValueError(f"a padding-free batch is one row, got {query.shape[0]} rows")
     _VarlenCalls.count += 1
@@ -197,15 +207,31 @@ def varlen_sdpa_attention(
         out = SegmentAttention.apply(q, k, v, bounds, scale)  # [heads, T, head_dim]
         return out.transpose(0, 1)[None].contiguous(), None
     gqa = key.shape[1] != query.shape[1]  # grouped-query attention (Llama, Qwen2)
-    parts = [F.scaled_dot_product_attention(
-        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, is_causal=True,
-        scale=scale, enable_gqa=gqa) for s, e in zip(bounds, bounds[1:], strict=False) if e > s]
+    parts = [
+        F.scaled_dot_product_attention(
+            query[:, :, s:e],
+            key[:, :, s:e],
+            value[:, :, s:e],
+            dropout_p=dropout,
+            is_causal=True,
+            scale=scale,
+            enable_gqa=gqa,
+        )
+        for s, e in zip(bounds, bounds[1:], strict=False)
+        if e > s
+    ]
     out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None
 
 
-def _cuda_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor,
-                 longest: int, scale: float) -> torch.Tensor | None:
+def _cuda_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    longest: int,
+    scale: float,
+) -> torch.Tensor | None:
     """PyTorch's variable-length flash attention (torch >= 2.10, fp16/bf16): one kernel call
     for the whole row. None where it is missing or the dtype is not half precision; the
     caller then runs SDPA per example."""
@@ -218,8 +244,9 @@ def _cuda_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu
     if dtype not in (torch.float16, torch.bfloat16):
         return None
     q, k, v = (x[0].transpose(0, 1).to(dtype) for x in _repeat_kv(query, key, value))  # [T, H, D]
-    options: dict[str, Any] = ({"is_causal": True} if "is_causal" in params
-                               else {"window_size": (-1, 0)})  # (-1, 0) is causal from 2.12
+    options: dict[str, Any] = (
+        {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    )  # (-1, 0) is causal from 2.12
     if "scale" in params:
         options["scale"] = scale
     elif abs(scale - query.shape[-1] ** -0.5) > 1e-12:
@@ -255,8 +282,9 @@ def _attention_dtype(*xs: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def _repeat_kv(query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _repeat_kv(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Give key and value as many heads as the query (grouped-query attention)."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
@@ -282,19 +310,21 @@ class SegmentAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                bounds: tuple[int, ...], scale: float) -> torch.Tensor:
+    def forward(
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: tuple[int, ...], scale: float
+    ) -> torch.Tensor:
         out = torch.empty_like(q)
         probs = []
         q_, k_, v_ = (F.pad(x, (0, 0, 0, SEGMENT_MULTIPLE)) for x in (q, k, v))
         with torch.autocast(q.device.type, enabled=False):
             for s, e in zip(bounds, bounds[1:], strict=False):
                 n, m = e - s, round_up(e - s, SEGMENT_MULTIPLE)
-                scores = torch.baddbmm(_causal_bias(m, q), q_[:, s:s + m],
-                                       k_[:, s:s + m].transpose(1, 2), alpha=scale)
+                scores = torch.baddbmm(
+                    _causal_bias(m, q), q_[:, s : s + m], k_[:, s : s + m].transpose(1, 2), alpha=scale
+                )
                 p = torch.softmax(scores, dim=-1)  # bf16 in and out, float32 inside
                 p[:, n:] = 0  # rows of the next segment: no output, no gradient
-                out[:, s:e] = torch.bmm(p, v_[:, s:s + m])[:, :n]
+                out[:, s:e] = torch.bmm(p, v_[:, s : s + m])[:, :n]
                 probs.append(p)
         ctx.save_for_backward(q_, k_, v_, *probs)
         ctx.bounds, ctx.scale, ctx.length = bounds, scale, q.shape[1]
@@ -309,13 +339,13 @@ class SegmentAttention(torch.autograd.Function):
         with torch.autocast(q_.device.type, enabled=False):
             for (s, e), p in zip(zip(ctx.bounds, ctx.bounds[1:], strict=False), probs, strict=True):
                 n, m = e - s, p.shape[-1]
-                do = do_[:, s:s + m]
+                do = do_[:, s : s + m]
                 dv[:, s:e] = torch.bmm(p.transpose(1, 2), do)[:, :n]
-                dp = torch.bmm(do, v_[:, s:s + m].transpose(1, 2))
+                dp = torch.bmm(do, v_[:, s : s + m].transpose(1, 2))
                 # P * (dP - rowsum(dP * P)) in one pass: the kernel autograd uses for softmax
                 ds = torch._softmax_backward_data(dp, p, -1, dtype).mul_(ctx.scale)
-                dq[:, s:e] = torch.bmm(ds, k_[:, s:s + m])[:, :n]
-                dk[:, s:e] = torch.bmm(ds.transpose(1, 2), q_[:, s:s + m])[:, :n]
+                dq[:, s:e] = torch.bmm(ds, k_[:, s : s + m])[:, :n]
+                dk[:, s:e] = torch.bmm(ds.transpose(1, 2), q_[:, s : s + m])[:, :n]
         return dq, dk, dv, None, None
 
 

@@ -47,9 +47,20 @@ FINAL_DIR_NAME = "final"
 # Settings that change the arithmetic of a run: resuming with different values would not
 # continue the same run, so `train(resume=...)` refuses them.
 RESUME_MUST_MATCH = (
-    "learning_rate", "batch_size", "grad_accum_steps", "epochs", "warmup_ratio",
-    "warmup_steps", "weight_decay", "max_grad_norm", "seed", "shuffle", "max_steps", "packing",
-    "fused_activations", "fused_loss",
+    "learning_rate",
+    "batch_size",
+    "grad_accum_steps",
+    "epochs",
+    "warmup_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "seed",
+    "shuffle",
+    "max_steps",
+    "packing",
+    "fused_activations",
+    "fused_loss",
 )
 
 _START_AFRESH = "run again without --resume (resume=False in Python) to begin a new run"
@@ -130,22 +141,46 @@ class Progress:
 
 
 def save_run(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
-    progress: Progress, result: Mapping[str, Any], config: TrainConfig, fingerprint: str,
-    parallel: DataParallel, device: torch.device,
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    progress: Progress,
+    result: Mapping[str, Any],
+    config: TrainConfig,
+    fingerprint: str,
+    parallel: DataParallel,
+    device: torch.device,
 ) -> None:
     """Rank 0 writes the checkpoint, with every rank's RNG states; all return once it is on disk."""
     rng_per_rank = parallel.gather(rng_state(device))
     if parallel.is_main:
-        save_checkpoint(path, checkpoint_payload(
-            model, optimizer, scheduler, progress=dataclasses.asdict(progress), result=result,
-            config=config, fingerprint=fingerprint, rng_per_rank=rng_per_rank))
+        save_checkpoint(
+            path,
+            checkpoint_payload(
+                model,
+                optimizer,
+                scheduler,
+                progress=dataclasses.asdict(progress),
+                result=result,
+                config=config,
+                fingerprint=fingerprint,
+                rng_per_rank=rng_per_rank,
+            ),
+        )
     parallel.barrier()  # a rank that exits first must not end the job mid-write
 
 
 def restore_run(
-    ckpt: Mapping[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: Any, *, config: TrainConfig, fingerprint: str, result: TrainResult,
+    ckpt: Mapping[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    config: TrainConfig,
+    fingerprint: str,
+    result: TrainResult,
     parallel: DataParallel,
 ) -> Progress:
     """Check the checkpoint continues this run, load it into the pieces, return where it was.
@@ -201,8 +236,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.exists():
-        where = f"no {CHECKPOINT_NAME} in {path.parent}" if path.name == CHECKPOINT_NAME \
+        where = (
+            f"no {CHECKPOINT_NAME} in {path.parent}"
+            if path.name == CHECKPOINT_NAME
             else f"no checkpoint at {path}"
+        )
         raise FileNotFoundError(f"nothing to resume: {where}; {_START_AFRESH}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -212,7 +250,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {path} is damaged: cut short or corrupted ({type(exc).__name__} reading "
             "it), e.g. the run was killed while it was written or copied; delete it and "
-            f"{_START_AFRESH}, or put back a copy of the previous checkpoint") from exc
+            f"{_START_AFRESH}, or put back a copy of the previous checkpoint"
+        ) from exc
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise CheckpointError(f"{path} is not a lumorik_sft training checkpoint; {_START_AFRESH}")
     return ckpt
@@ -224,8 +263,10 @@ def resume_path(resume: bool | str | Path | None, output_dir: str | None) -> Pat
         return None
     if resume is True:
         if output_dir is None:
-            raise ValueError("resuming reads OUT_DIR/checkpoint.pt, but no output folder is set; "
-                             "pass --out (config.output_dir) or the checkpoint's path")
+            raise ValueError(
+                "resuming reads OUT_DIR/checkpoint.pt, but no output folder is set; "
+                "pass --out (config.output_dir) or the checkpoint's path"
+            )
         return Path(output_dir) / CHECKPOINT_NAME
     return Path(resume)
 
@@ -234,9 +275,15 @@ def resume_path(resume: bool | str | Path | None, output_dir: str | None) -> Pat
 
 
 def checkpoint_payload(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
-    progress: Mapping[str, Any], result: Mapping[str, Any], config: TrainConfig,
-    fingerprint: str, rng_per_rank: list[dict[str, Any]],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    progress: Mapping[str, Any],
+    result: Mapping[str, Any],
+    config: TrainConfig,
+    fingerprint: str,
+    rng_per_rank: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """Everything a resumed run needs, in types `torch.load(weights_only=True)` accepts."""
     return {
@@ -264,28 +311,33 @@ def data_fingerprint(examples: Sequence[Mapping[str, Sequence[int]]]) -> str:
     return digest.hexdigest()
 
 
-def check_resumable(
-    ckpt: Mapping[str, Any], config: TrainConfig, fingerprint: str, precision: str
-) -> None:
+def check_resumable(ckpt: Mapping[str, Any], config: TrainConfig, fingerprint: str, precision: str) -> None:
     """Refuse to 'continue' a run whose arithmetic would differ from the one saved."""
     if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"cannot resume: checkpoint format {ckpt.get('format')!r}, this version "
-                              f"of lumorik_sft reads format {CHECKPOINT_FORMAT}; start a new run")
+        raise CheckpointError(
+            f"cannot resume: checkpoint format {ckpt.get('format')!r}, this version "
+            f"of lumorik_sft reads format {CHECKPOINT_FORMAT}; start a new run"
+        )
     saved_precision = ckpt["result"].get("precision", precision)
     if saved_precision != precision:
-        raise CheckpointError(f"cannot resume: the run trained in {saved_precision} and would go on "
-                              f"in {precision}; pass precision={saved_precision!r}")
+        raise CheckpointError(
+            f"cannot resume: the run trained in {saved_precision} and would go on "
+            f"in {precision}; pass precision={saved_precision!r}"
+        )
     saved = ckpt["config"]
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     changed = [k for k in RESUME_MUST_MATCH if saved.get(k, defaults[k]) != getattr(config, k)]
     if changed:
-        detail = ", ".join(f"{k}: {saved.get(k, defaults[k])!r} -> {getattr(config, k)!r}"
-                           for k in changed)
-        raise CheckpointError(f"cannot resume with changed settings ({detail}); pass the saved "
-                              "TrainConfig(**checkpoint['config']) or start a new run")
+        detail = ", ".join(f"{k}: {saved.get(k, defaults[k])!r} -> {getattr(config, k)!r}" for k in changed)
+        raise CheckpointError(
+            f"cannot resume with changed settings ({detail}); pass the saved "
+            "TrainConfig(**checkpoint['config']) or start a new run"
+        )
     if ckpt["data_fingerprint"] != fingerprint:
-        raise CheckpointError("cannot resume: the training examples differ from the checkpoint's; "
-                              "pass the same train_examples in the same order")
+        raise CheckpointError(
+            "cannot resume: the training examples differ from the checkpoint's; "
+            "pass the same train_examples in the same order"
+        )
 
 
 # --------------------------------------------------------------------------- random states

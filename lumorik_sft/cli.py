@@ -25,16 +25,22 @@ from typing import Any
 from lumorik_sft.config import TrainConfig, add_dataclass_arguments, config_from_args
 
 # Today's short names for some TrainConfig fields; each field also has its own --field-name flag.
-TRAIN_FLAG_ALIASES = {"learning_rate": ["--lr"], "grad_accum_steps": ["--grad-accum"],
-                      "output_dir": ["--out"]}
+TRAIN_FLAG_ALIASES = {
+    "learning_rate": ["--lr"],
+    "grad_accum_steps": ["--grad-accum"],
+    "output_dir": ["--out"],
+}
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError, KeyError)
 
 
 def add_model_argument(p: argparse.ArgumentParser, default_help: str = "the embedded base model") -> None:
-    p.add_argument("--model", default=None,
-                   help="Hugging Face model name (e.g. gpt2) or a local folder with config.json "
-                        f"(default: {default_help})")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face model name (e.g. gpt2) or a local folder with config.json "
+        f"(default: {default_help})",
+    )
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -49,9 +55,15 @@ def _cmd_data(args: argparse.Namespace) -> int:
             return encoding.pair_length(tokenizer, r["prompt"], r["completion"])
 
     report = data.run_curation(
-        args.input, args.out, val_fraction=args.val_fraction, seed=args.seed,
-        skip_invalid=args.skip_invalid, max_tokens=args.max_tokens, length_fn=length_fn,
-        prompt_field=args.prompt_field, completion_field=args.completion_field,
+        args.input,
+        args.out,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        skip_invalid=args.skip_invalid,
+        max_tokens=args.max_tokens,
+        length_fn=length_fn,
+        prompt_field=args.prompt_field,
+        completion_field=args.completion_field,
         messages_field=args.messages_field,
     )
     print(report.summary())
@@ -62,13 +74,17 @@ def _encode_file(path: str, what: str, tokenizer: Any, max_length: int) -> list[
     """Read (DataError names file:line:field), encode, and say what encoding cut or dropped."""
     from lumorik_sft import data, encoding
 
-    examples, report = encoding.encode_records(data.read_records(path).records, tokenizer,
-                                               max_length=max_length)
+    examples, report = encoding.encode_records(
+        data.read_records(path).records, tokenizer, max_length=max_length
+    )
     print(f"{path}: {report.summary(f'{what} examples')}")
     if report.completion_cut:
-        print(f"lumorik-sft: warning: {report.completion_cut} {what} example(s) lost the end of "
-              f"their completion and its EOS to max length {max_length}: the model does not learn "
-              "to stop on them; raise --max-length or shorten the prompts", file=sys.stderr)
+        print(
+            f"lumorik-sft: warning: {report.completion_cut} {what} example(s) lost the end of "
+            f"their completion and its EOS to max length {max_length}: the model does not learn "
+            "to stop on them; raise --max-length or shorten the prompts",
+            file=sys.stderr,
+        )
     return examples
 
 
@@ -98,8 +114,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     records = data.read_records(args.data).records
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
-    report = evaluate_model(model, tokenizer, records, max_length=args.max_length,
-                            n_generate=args.n_generate, max_new_tokens=args.max_new_tokens)
+    report = evaluate_model(
+        model,
+        tokenizer,
+        records,
+        max_length=args.max_length,
+        n_generate=args.n_generate,
+        max_new_tokens=args.max_new_tokens,
+    )
     out = {k: v for k, v in report.to_dict().items() if k not in ("predictions", "references", "prompts")}
     print(json.dumps(out, indent=2))
     if args.out:
@@ -118,8 +140,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompt-file")
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
-    outs = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                                do_sample=args.sample, temperature=args.temperature, seed=args.seed)
+    outs = generate_completions(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
     for p, c in zip(prompts, outs, strict=True):
         print(f"### prompt\n{p}\n### completion\n{c}\n")
     return 0
@@ -133,8 +162,9 @@ def command_parser(
         prog="lumorik-sft",
         description="Supervised fine-tuning of causal language models, offline on a CPU.",
     )
-    return parser, parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                         parser_class=parser_class)
+    return parser, parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=parser_class
+    )
 
 
 def add_core_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -144,26 +174,41 @@ def add_core_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder for train.jsonl, val.jsonl, report.json")
     p.add_argument("--val-fraction", type=float, default=0.1, help="validation share (default: 0.1)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
-    p.add_argument("--skip-invalid", action="store_true",
-                   help="write malformed lines to rejects.jsonl and go on, instead of stopping")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="drop pairs longer than this many tokens (with --model's tokenizer)")
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="write malformed lines to rejects.jsonl and go on, instead of stopping",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="drop pairs longer than this many tokens (with --model's tokenizer)",
+    )
     add_model_argument(p, "the embedded base model's tokenizer")
     p.add_argument("--prompt-field", default="prompt", help="prompt field name (default: prompt)")
-    p.add_argument("--completion-field", default="completion",
-                   help="completion field name (default: completion)")
-    p.add_argument("--messages-field", default="messages",
-                   help="chat messages field name (default: messages)")
+    p.add_argument(
+        "--completion-field", default="completion", help="completion field name (default: completion)"
+    )
+    p.add_argument(
+        "--messages-field", default="messages", help="chat messages field name (default: messages)"
+    )
     p.set_defaults(func=_cmd_data)
 
     p = subparsers.add_parser(
-        "train", help="fine-tune a model on curated train/val JSONL files",
-        description="Fine-tune a model. Every TrainConfig field is a flag (lumorik_sft.config).")
+        "train",
+        help="fine-tune a model on curated train/val JSONL files",
+        description="Fine-tune a model. Every TrainConfig field is a flag (lumorik_sft.config).",
+    )
     add_model_argument(p)
     p.add_argument("--train", required=True, help="training JSONL (prompt, completion)")
     p.add_argument("--val", default=None, help="validation JSONL (optional)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="tokens per example (default: 256, or the model's context if shorter)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per example (default: 256, or the model's context if shorter)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     settings = p.add_argument_group("training settings (TrainConfig's fields)")
     add_dataclass_arguments(settings, TrainConfig, aliases=TRAIN_FLAG_ALIASES, required=["output_dir"])
@@ -174,8 +219,12 @@ def add_core_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="JSONL with prompt and completion")
     p.add_argument("--n-generate", type=int, default=100, help="pairs to generate for BLEU/ROUGE")
     p.add_argument("--max-new-tokens", type=int, default=96, help="generation length cap")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="tokens per example (default: 256, or the model's context if shorter)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per example (default: 256, or the model's context if shorter)",
+    )
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default)")
     p.add_argument("--out", default=None, help="write the full report (with predictions) as JSON")
     p.set_defaults(func=_cmd_eval)

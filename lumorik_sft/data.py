@@ -140,8 +140,7 @@ def curate(
     counts = dict.fromkeys(DROP_REASONS, 0)
     seen: set[tuple[str, str]] = set()
     for record in records:
-        cleaned = {"prompt": clean_text(record["prompt"]),
-                   "completion": clean_text(record["completion"])}
+        cleaned = {"prompt": clean_text(record["prompt"]), "completion": clean_text(record["completion"])}
         reason = _drop_reason(cleaned, seen, max_tokens, length_fn)
         line = record.get("line")
         if reason is None:
@@ -309,15 +308,27 @@ def run_curation(
     """
     if (max_tokens is None) != (length_fn is None):
         raise ValueError("give both max_tokens and length_fn (to drop over-long rows) or neither")
-    read = read_records(input_path, prompt_field=prompt_field, completion_field=completion_field,
-                        messages_field=messages_field, skip_invalid=skip_invalid)
+    read = read_records(
+        input_path,
+        prompt_field=prompt_field,
+        completion_field=completion_field,
+        messages_field=messages_field,
+        skip_invalid=skip_invalid,
+    )
     curated = curate(read.records, max_tokens=max_tokens, length_fn=length_fn)
     train, val = split_records(curated.kept, val_fraction=val_fraction, seed=seed)
     report = CurationReport(
-        source=os.fspath(input_path), read=read.n_read, kept=len(curated.kept),
-        train=len(train), val=len(val), dropped=curated.counts, rejected=len(read.rejects),
+        source=os.fspath(input_path),
+        read=read.n_read,
+        kept=len(curated.kept),
+        train=len(train),
+        val=len(val),
+        dropped=curated.counts,
+        rejected=len(read.rejects),
         rejected_reasons=dict(Counter(r["code"] for r in read.rejects)),
-        seed=seed, val_fraction=val_fraction, max_tokens=max_tokens,
+        seed=seed,
+        val_fraction=val_fraction,
+        max_tokens=max_tokens,
     )
     out = Path(out_dir)
     files = {
@@ -345,10 +356,12 @@ def to_hf_dataset(records: Sequence[dict[str, Any]]) -> datasets.Dataset:
     """Records -> ``datasets.Dataset`` with exactly the columns ``prompt`` and ``completion``."""
     import datasets
 
-    return datasets.Dataset.from_dict({
-        "prompt": [r["prompt"] for r in records],
-        "completion": [r["completion"] for r in records],
-    })
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": [r["prompt"] for r in records],
+            "completion": [r["completion"] for r in records],
+        }
+    )
 
 
 def from_hf_dataset(ds: datasets.Dataset) -> list[dict[str, str]]:

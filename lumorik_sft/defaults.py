@@ -8,6 +8,7 @@ thing in a notebook, on the command line and in the recipe.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -42,12 +43,26 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     native = _native_bf16(device)
     if precision == "bf16" and device.type == "cpu" and not native:
-        warnings.warn("this CPU has no native bf16 kernels (AVX512-BF16 or AMX), so bf16 autocast is "
-                      "emulated and runs many times slower than fp32; use precision='auto' or 'fp32'",
-                      stacklevel=2)
+        warnings.warn(
+            "this CPU has no native bf16 kernels (AVX512-BF16 or AMX), so bf16 autocast is "
+            "emulated and runs many times slower than fp32; use precision='auto' or 'fp32'",
+            stacklevel=2,
+        )
     if precision != "auto":
         return precision
     return "bf16" if native else "fp32"
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision: bfloat16 for 'bf16', None for 'fp32'."""
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def autocast_context(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass only; the backward follows the forward's dtypes."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _native_bf16(device: torch.device) -> bool:

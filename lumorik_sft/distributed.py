@@ -93,7 +93,10 @@ class DataParallel:
         return model.no_sync
 
     def shard(
-        self, plan: list[list[int]], examples: Sequence[Any], collator: SFTCollator | PackedCollator,
+        self,
+        plan: list[list[int]],
+        examples: Sequence[Any],
+        collator: SFTCollator | PackedCollator,
     ) -> tuple[list[list[int]], Sequence[Any], Callable[..., Batch]]:
         """This process's share of each global micro-batch: (plan, examples, collate).
 
@@ -106,8 +109,7 @@ class DataParallel:
         from lumorik_sft.packing import shard_micro_batch  # here: packing imports attention
 
         plan = [shard_micro_batch(b, self.rank, self.world_size) or [len(examples)] for b in plan]
-        blank = {"input_ids": [collator.pad_token_id], "attention_mask": [1],
-                 "labels": [IGNORE_INDEX]}
+        blank = {"input_ids": [collator.pad_token_id], "attention_mask": [1], "labels": [IGNORE_INDEX]}
 
         def collate(features: Sequence[Any]) -> Batch:
             batch = collator(features)
@@ -164,16 +166,24 @@ def setup_data_parallel(device: str = "auto") -> DataParallel:
     try:
         from accelerate import Accelerator
     except ImportError as exc:  # pragma: no cover - accelerate ships with the dev extra
-        raise ImportError("multi-process training needs accelerate: pip install 'lumorik-sft[bench]' "
-                          "or pip install accelerate") from exc
+        raise ImportError(
+            "multi-process training needs accelerate: pip install 'lumorik-sft[bench]' "
+            "or pip install accelerate"
+        ) from exc
     # Mixed precision stays ours (TrainConfig.precision), so accelerate does not autocast twice.
     accelerator = Accelerator(cpu=cpu, mixed_precision="no")
     if accelerator.num_processes != world:
-        raise ValueError(f"the launcher started {world} processes but they did not join one process "
-                         f"group (this one sees {accelerator.num_processes}) with device {device!r}; "
-                         "pass --device cpu (gloo) or --device cuda (one GPU per process)")
-    return DataParallel(world_size=accelerator.num_processes, rank=accelerator.process_index,
-                        device=accelerator.device, accelerator=accelerator)
+        raise ValueError(
+            f"the launcher started {world} processes but they did not join one process "
+            f"group (this one sees {accelerator.num_processes}) with device {device!r}; "
+            "pass --device cpu (gloo) or --device cuda (one GPU per process)"
+        )
+    return DataParallel(
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+        device=accelerator.device,
+        accelerator=accelerator,
+    )
 
 
 def _launched_on_cpu(device: str, world: int) -> bool:
@@ -184,18 +194,26 @@ def _launched_on_cpu(device: str, world: int) -> bool:
     if wanted.type == "cpu":
         return True
     if wanted.type == "cuda" and wanted.index is not None:
-        raise ValueError(f"device {device!r} puts all {world} launched processes on one GPU; pass "
-                         "--device cuda (each process takes the GPU of its LOCAL_RANK) or --device cpu")
+        raise ValueError(
+            f"device {device!r} puts all {world} launched processes on one GPU; pass "
+            "--device cuda (each process takes the GPU of its LOCAL_RANK) or --device cpu"
+        )
     if wanted.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} but this machine has no CUDA GPU for the {world} "
-                         "launched processes; pass --device cpu (gloo) or leave it on auto")
+        raise ValueError(
+            f"device {device!r} but this machine has no CUDA GPU for the {world} "
+            "launched processes; pass --device cpu (gloo) or leave it on auto"
+        )
     if wanted.type == "mps":
-        raise ValueError(f"{world} launched processes cannot share Apple's MPS device (it has no "
-                         "process group); pass --device cpu (gloo) or run one process")
+        raise ValueError(
+            f"{world} launched processes cannot share Apple's MPS device (it has no "
+            "process group); pass --device cpu (gloo) or run one process"
+        )
     local, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count()
     if wanted.type == "cuda" and local > gpus:
-        raise ValueError(f"{local} processes on this machine but {gpus} CUDA GPU(s), one per process "
-                         f"needed; launch at most {gpus} per machine or pass --device cpu (gloo)")
+        raise ValueError(
+            f"{local} processes on this machine but {gpus} CUDA GPU(s), one per process "
+            f"needed; launch at most {gpus} per machine or pass --device cpu (gloo)"
+        )
     return False
 
 

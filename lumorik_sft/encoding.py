@@ -61,7 +61,11 @@ def _leading_special(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> 
 
 
 def truncate_pair(
-    prompt: list[int], completion: list[int], max_length: int, *, keep_head: int = 0,
+    prompt: list[int],
+    completion: list[int],
+    max_length: int,
+    *,
+    keep_head: int = 0,
     min_prompt_tokens: int = 1,
 ) -> tuple[list[int], list[int]]:
     """Fit prompt + completion into `max_length`, cutting the prompt (from the left) first.
@@ -76,7 +80,7 @@ def truncate_pair(
     floor = min(len(prompt), keep_head + min_prompt_tokens)
     keep = max(floor, max_length - len(completion))
     head, body = prompt[:keep_head], prompt[keep_head:]
-    tail = body[len(body) - (keep - len(head)):] if keep > len(head) else []
+    tail = body[len(body) - (keep - len(head)) :] if keep > len(head) else []
     new_prompt = (head + tail)[:keep]
     return new_prompt, completion[: max(0, max_length - len(new_prompt))]
 
@@ -95,8 +99,11 @@ def encode_example(
     p_ids = prompt_ids(tokenizer, prompt, separator)
     c_ids = completion_ids(tokenizer, completion)
     p_ids, c_ids = truncate_pair(
-        p_ids, c_ids, max_length,
-        keep_head=_leading_special(tokenizer, p_ids), min_prompt_tokens=min_prompt_tokens,
+        p_ids,
+        c_ids,
+        max_length,
+        keep_head=_leading_special(tokenizer, p_ids),
+        min_prompt_tokens=min_prompt_tokens,
     )
     if not c_ids:
         return None
@@ -108,7 +115,9 @@ def encode_example(
 
 
 def pair_length(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    completion: str,
     separator: str = DEFAULT_SEPARATOR,
 ) -> int:
     """Untruncated token length of a pair (prompt, separator, completion, EOS)."""
@@ -130,18 +139,24 @@ class EncodeReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "read": self.read, "encoded": self.encoded, "truncated": self.truncated,
-            "completion_cut": self.completion_cut, "dropped": dict(self.dropped),
-            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "read": self.read,
+            "encoded": self.encoded,
+            "truncated": self.truncated,
+            "completion_cut": self.completion_cut,
+            "dropped": dict(self.dropped),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
         }
 
     def summary(self, what: str = "examples") -> str:
         """One line for logs: what was kept, cut and dropped."""
         dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.dropped.items())) or "none"
-        return (f"encoded {self.encoded} of {self.read} {what} ({self.prompt_tokens} prompt tokens, "
-                f"masked; {self.completion_tokens} completion tokens, supervised); "
-                f"{self.truncated} truncated, {self.completion_cut} of them into the completion "
-                f"(EOS lost); dropped: {dropped}")
+        return (
+            f"encoded {self.encoded} of {self.read} {what} ({self.prompt_tokens} prompt tokens, "
+            f"masked; {self.completion_tokens} completion tokens, supervised); "
+            f"{self.truncated} truncated, {self.completion_cut} of them into the completion "
+            f"(EOS lost); dropped: {dropped}"
+        )
 
 
 def fit_max_length(model: Any, requested: int | None = None) -> int:
@@ -154,8 +169,10 @@ def fit_max_length(model: Any, requested: int | None = None) -> int:
     if requested is None:
         return min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
     if limit is not None and requested > limit:
-        raise ValueError(f"max length {requested} is longer than the model's context of {limit} "
-                         f"tokens; use {limit} or less")
+        raise ValueError(
+            f"max length {requested} is longer than the model's context of {limit} "
+            f"tokens; use {limit} or less"
+        )
     return requested
 
 
@@ -176,8 +193,11 @@ def encode_records(
         full_completion = len(completion_ids(tokenizer, record[completion_field]))
         full = len(prompt_ids(tokenizer, record[prompt_field], separator)) + full_completion
         ex = encode_example(
-            tokenizer, record[prompt_field], record[completion_field],
-            max_length=max_length, separator=separator,
+            tokenizer,
+            record[prompt_field],
+            record[completion_field],
+            max_length=max_length,
+            separator=separator,
         )
         if ex is None:
             report.dropped["no_completion_tokens"] += 1
@@ -199,7 +219,10 @@ def round_up(n: int, multiple: int | None) -> int:
 
 
 def pad_sequences(
-    rows: Sequence[Sequence[int]], value: int, *, side: str = "right",
+    rows: Sequence[Sequence[int]],
+    value: int,
+    *,
+    side: str = "right",
     length: int | None = None,
 ) -> torch.Tensor:
     """Stack ragged rows into one tensor, padding on the given side to `length` or the longest."""
@@ -215,7 +238,7 @@ def pad_sequences(
             if side == "right":
                 out[i, : len(row)] = t
             else:
-                out[i, width - len(row):] = t
+                out[i, width - len(row) :] = t
     return out
 
 
@@ -236,20 +259,26 @@ class SFTCollator:
             raise ValueError("cannot collate an empty batch")
         width = round_up(max(len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
         batch = {
-            "input_ids": pad_sequences([f["input_ids"] for f in features], self.pad_token_id,
-                                       side=self.padding_side, length=width),
-            "attention_mask": pad_sequences([f["attention_mask"] for f in features], 0,
-                                            side=self.padding_side, length=width),
+            "input_ids": pad_sequences(
+                [f["input_ids"] for f in features], self.pad_token_id, side=self.padding_side, length=width
+            ),
+            "attention_mask": pad_sequences(
+                [f["attention_mask"] for f in features], 0, side=self.padding_side, length=width
+            ),
         }
         if "labels" in features[0]:
-            batch["labels"] = pad_sequences([f["labels"] for f in features], IGNORE_INDEX,
-                                            side=self.padding_side, length=width)
+            batch["labels"] = pad_sequences(
+                [f["labels"] for f in features], IGNORE_INDEX, side=self.padding_side, length=width
+            )
         return batch
 
 
 def encode_prompts_for_generation(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
-    separator: str = DEFAULT_SEPARATOR, max_prompt_tokens: int | None = None,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    separator: str = DEFAULT_SEPARATOR,
+    max_prompt_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Left-padded prompt batch: every prompt ends at the last column, where generation starts."""
     prepare_tokenizer(tokenizer)
@@ -258,7 +287,7 @@ def encode_prompts_for_generation(
         ids = prompt_ids(tokenizer, p, separator)
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
             head = _leading_special(tokenizer, ids)
-            ids = ids[:head] + ids[len(ids) - (max_prompt_tokens - head):]
+            ids = ids[:head] + ids[len(ids) - (max_prompt_tokens - head) :]
         rows.append(ids)
     collate = SFTCollator(tokenizer.pad_token_id, padding_side="left")
     return collate([{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows])
@@ -278,8 +307,7 @@ def naive_encode(
             "Asking to pad but the tokenizer does not have a padding token "
             "(the chapter's code fails here on GPT-2)"
         )
-    enc = tokenizer(prompt, completion, truncation=True, padding="max_length",
-                    max_length=max_length)
+    enc = tokenizer(prompt, completion, truncation=True, padding="max_length", max_length=max_length)
     ids = list(enc["input_ids"])
     return {"input_ids": ids, "attention_mask": list(enc["attention_mask"]), "labels": list(ids)}
 

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from lumorik_sft.attention import accepts, model_inputs
+from lumorik_sft.distributed import unwrap
 from lumorik_sft.encoding import IGNORE_INDEX
 from lumorik_sft.metrics import check_labels
 
@@ -81,8 +82,9 @@ def completion_nll(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[to
 
 
 @contextlib.contextmanager
-def _model_call(model: torch.nn.Module, batch: Mapping[str, Any],
-                keep: torch.Tensor | None = None) -> Iterator[dict[str, Any]]:
+def _model_call(
+    model: torch.nn.Module, batch: Mapping[str, Any], keep: torch.Tensor | None = None
+) -> Iterator[dict[str, Any]]:
     """The model's keyword inputs for `batch` (`attention.model_inputs`), with no cuDNN attention
     on CUDA and, given ``keep``, the last block's MLP on the kept positions only."""
     backends = _attention_backends(batch["input_ids"].device)
@@ -111,7 +113,7 @@ def completion_logits(model: torch.nn.Module, batch: Mapping[str, Any], keep: to
     the first call finds out which and remembers it per model class. A padding-free packed
     batch (``cu_seq_lens_q``) runs under `attention.varlen_attention`.
     """
-    base = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    base = unwrap(model)
     n_keep = int(keep.sum().item())
     known = _HEAD_KEEPS_MASK.get(type(base))
     with _model_call(model, batch, keep) as inputs:
@@ -130,8 +132,9 @@ def completion_logits(model: torch.nn.Module, batch: Mapping[str, Any], keep: to
                 return logits
         logits = model(**inputs).logits
     if logits.shape[:2] != keep.shape:
-        raise ValueError(f"logits of shape {tuple(logits.shape)} do not match the batch's [B, T] "
-                         f"{tuple(keep.shape)}")
+        raise ValueError(
+            f"logits of shape {tuple(logits.shape)} do not match the batch's [B, T] {tuple(keep.shape)}"
+        )
     return logits[keep.to(logits.device)]
 
 
@@ -178,8 +181,14 @@ def _attention_backends(device: torch.device) -> contextlib.AbstractContextManag
 # --------------------------------------------------------------------------- the head fused with the loss
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, *, chunk: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    chunk: int | None = None,
+) -> torch.Tensor:
     """Summed cross-entropy of ``hidden @ weight.T + bias`` against ``targets`` (-100 ignored),
     without ever holding the [rows, vocab] logits.
 
@@ -208,8 +217,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and its gradients chunk by chunk; see `linear_cross_entropy`."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, dtype: torch.dtype, chunk: int) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        dtype: torch.dtype,
+        chunk: int,
+    ) -> torch.Tensor:
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = torch.promote_types(dtype, torch.float32)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -220,7 +236,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
             db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
             for s in range(0, h.shape[0], chunk):
-                rows, target = h[s:s + chunk], targets[s:s + chunk]
+                rows, target = h[s : s + chunk], targets[s : s + chunk]
                 valid = target != IGNORE_INDEX
                 safe = target.clamp(min=0)  # ignored rows: any index, masked below
                 logp = torch.log_softmax(F.linear(rows, w, b), dim=-1, dtype=acc)
@@ -231,7 +247,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad[torch.arange(len(safe), device=grad.device), safe] -= 1
                 grad = grad.mul_(valid[:, None]).to(dtype)
                 if dh is not None:
-                    torch.mm(grad, w, out=dh[s:s + chunk])
+                    torch.mm(grad, w, out=dh[s : s + chunk])
                 if dw is not None:
                     dw.add_(grad.t() @ rows)
                 if db is not None:
@@ -258,8 +274,9 @@ Per model and not per class: one class can soft-cap its logits or not depending 
 (Gemma 2's ``final_logit_softcapping``)."""
 
 
-def _plain_head(model: torch.nn.Module, batch: Mapping[str, Any],
-                keep: torch.Tensor) -> torch.nn.Linear | None:
+def _plain_head(
+    model: torch.nn.Module, batch: Mapping[str, Any], keep: torch.Tensor
+) -> torch.nn.Linear | None:
     """The LM head, when the loss may be computed as ``linear_cross_entropy(body output, head)``.
 
     That holds for GPT-2, Llama, Qwen2 and most causal LMs, but not for a model that rescales
@@ -269,7 +286,7 @@ def _plain_head(model: torch.nn.Module, batch: Mapping[str, Any],
     DistributedDataParallel wrappers (whose forward must run to sync gradients) and hooked
     models (`_hooked`) keep the unfused path.
     """
-    if getattr(model, "module", None) is not None or not bool(keep.any()):
+    if unwrap(model) is not model or not bool(keep.any()):
         return None
     body, get_head = getattr(model, "base_model", None), getattr(model, "get_output_embeddings", None)
     if not isinstance(body, torch.nn.Module) or body is model or get_head is None:
@@ -294,8 +311,14 @@ def _hooked(*modules: torch.nn.Module) -> bool:
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-               or "forward" in vars(m) for m in modules)
+    return any(
+        m._forward_hooks
+        or m._forward_pre_hooks
+        or m._backward_hooks
+        or m._backward_pre_hooks
+        or "forward" in vars(m)
+        for m in modules
+    )
 
 
 def _head_is_plain(model: torch.nn.Module, head: torch.nn.Linear, input_ids: torch.Tensor) -> bool:
@@ -362,7 +385,7 @@ class _KeptRowsMLP(torch.nn.Module):
 
 def _last_block(model: torch.nn.Module) -> torch.nn.Module | None:
     """The last decoder block, found where transformers keeps it (GPT-2 `h`, Llama `layers`)."""
-    body = getattr(getattr(model, "module", model), "base_model", None)
+    body = getattr(unwrap(model), "base_model", None)
     blocks = getattr(body, "h", None) or getattr(body, "layers", None)
     return blocks[-1] if isinstance(blocks, torch.nn.ModuleList) and len(blocks) else None
 
@@ -375,9 +398,11 @@ def _last_mlp_on_kept_rows(model: torch.nn.Module, keep: torch.Tensor | None) ->
     training step (measured on the embedded model, fp32). Models without a plain ``mlp``
     submodule, or with hooks on it, run unchanged.
     """
-    inner = getattr(model, "module", model)
-    flag = next((f for f in ("is_activation_checkpointing", "is_gradient_checkpointing")
-                 if hasattr(type(inner), f)), None)
+    inner = unwrap(model)
+    flag = next(
+        (f for f in ("is_activation_checkpointing", "is_gradient_checkpointing") if hasattr(type(inner), f)),
+        None,
+    )
     checkpointing = bool(flag and getattr(inner, flag))  # the recompute would run it whole
     block = _last_block(model) if keep is not None and not checkpointing else None
     mlp = getattr(block, "mlp", None)

@@ -63,7 +63,9 @@ def generate_completions(
     try:
         for start in tqdm(starts, desc="generate", disable=progress_quiet(progress), leave=False):
             batch = encode_prompts_for_generation(
-                tokenizer, prompts[start : start + batch_size], separator=separator,
+                tokenizer,
+                prompts[start : start + batch_size],
+                separator=separator,
                 max_prompt_tokens=max_prompt,
             )
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -76,10 +78,9 @@ def generate_completions(
                 eos_token_id=tokenizer.eos_token_id,
                 **(sampling if do_sample else {}),
             )
-            new = out[:, batch["input_ids"].shape[1]:].tolist()
+            new = out[:, batch["input_ids"].shape[1] :].tolist()
             outputs += [
-                tokenizer.decode(_cut_at_eos(row, eos_ids), skip_special_tokens=True).strip()
-                for row in new
+                tokenizer.decode(_cut_at_eos(row, eos_ids), skip_special_tokens=True).strip() for row in new
             ]
     finally:
         model.train(was_training)

@@ -172,8 +172,9 @@ def completion_nll(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[to
         logits = model(**inputs).logits  # [B, T, vocab]
     logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
     targets = labels[:, 1:].to(logits.device)  # position t predicts token t + 1
-    nll_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum",
-                              ignore_index=IGNORE_INDEX)
+    nll_sum = F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
+    )
     return nll_sum, int((targets != IGNORE_INDEX).sum().item())
 
 
@@ -211,8 +212,11 @@ EVAL_TOKENS_PER_FORWARD = 2048
 
 
 def _per_batch_nll(
-    model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], device: torch.device | str | None,
-    tokens_per_forward: int | None = EVAL_TOKENS_PER_FORWARD, loss_fn: LossFn = completion_nll,
+    model: torch.nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    device: torch.device | str | None,
+    tokens_per_forward: int | None = EVAL_TOKENS_PER_FORWARD,
+    loss_fn: LossFn = completion_nll,
 ) -> list[tuple[float, int]]:
     """(nll_sum, n_tokens) for every batch, in eval mode without gradients.
 
@@ -250,8 +254,10 @@ def _row_slices(batch: Mapping[str, Any], tokens: int | None) -> Iterator[Mappin
         return
     step = max(1, tokens // width)
     for r in range(0, rows, step):
-        yield {k: v[r:r + step] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
-               for k, v in batch.items()}
+        yield {
+            k: v[r : r + step] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
+            for k, v in batch.items()
+        }
 
 
 def evaluate_loss(

@@ -54,8 +54,7 @@ def cpu_supports_bf16() -> bool:
     Without them bf16 autocast on a CPU emulates bf16 and is slower than fp32.
     """
     try:
-        return bool(torch.backends.mkldnn.is_available()
-                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
@@ -120,14 +119,23 @@ def _check_model_folder(source: str) -> str:
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{source} has no config.json, so it is not a saved model folder "
-                                    "(save one with save_pretrained, or give a Hugging Face model name)")
+            raise FileNotFoundError(
+                f"{source} has no config.json, so it is not a saved model folder "
+                "(save one with save_pretrained, or give a Hugging Face model name)"
+            )
         return str(path)
     parts = source.replace("\\", "/").split("/")
-    if (path.is_absolute() or source.startswith((".", "~")) or "\\" in source or len(parts) > 2
-            or (len(parts) == 2 and path.parent.is_dir())):
-        raise FileNotFoundError(f"no model folder at {source} (give a local folder with config.json, "
-                                "or a Hugging Face model name)")
+    if (
+        path.is_absolute()
+        or source.startswith((".", "~"))
+        or "\\" in source
+        or len(parts) > 2
+        or (len(parts) == 2 and path.parent.is_dir())
+    ):
+        raise FileNotFoundError(
+            f"no model folder at {source} (give a local folder with config.json, "
+            "or a Hugging Face model name)"
+        )
     return source
 
 
@@ -170,7 +178,8 @@ def model_config(
 ) -> PretrainedConfig:
     """A small config of the given architecture sized to the tokenizer's vocabulary."""
     special = {
-        "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None
+        "bos_token_id": tokenizer.bos_token_id
+        if tokenizer.bos_token_id is not None
         else tokenizer.eos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
@@ -178,16 +187,25 @@ def model_config(
     vocab = len(tokenizer)
     if arch == "gpt2":
         return GPT2Config(
-            vocab_size=vocab, n_positions=context, n_embd=width, n_layer=n_layer, n_head=n_head,
+            vocab_size=vocab,
+            n_positions=context,
+            n_embd=width,
+            n_layer=n_layer,
+            n_head=n_head,
             **special,
         )
     if arch in ("llama", "qwen2"):
         cls = LlamaConfig if arch == "llama" else Qwen2Config
         return cls(
-            vocab_size=vocab, hidden_size=width, intermediate_size=width * 4,
-            num_hidden_layers=n_layer, num_attention_heads=n_head,
-            num_key_value_heads=max(1, n_head // 2), max_position_embeddings=context,
-            tie_word_embeddings=True, **special,
+            vocab_size=vocab,
+            hidden_size=width,
+            intermediate_size=width * 4,
+            num_hidden_layers=n_layer,
+            num_attention_heads=n_head,
+            num_key_value_heads=max(1, n_head // 2),
+            max_position_embeddings=context,
+            tie_word_embeddings=True,
+            **special,
         )
     raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 

@@ -81,8 +81,10 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     too_long = [i for i, n in enumerate(lengths) if n > capacity]
     if too_long:
         i = too_long[0]
-        raise ValueError(f"example {i} has {lengths[i]} tokens, more than the row capacity "
-                         f"{capacity}; raise the capacity or encode with max_length <= {capacity}")
+        raise ValueError(
+            f"example {i} has {lengths[i]} tokens, more than the row capacity "
+            f"{capacity}; raise the capacity or encode with max_length <= {capacity}"
+        )
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (room left, row index), kept sorted
     for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
@@ -99,7 +101,9 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
 
 
 def length_grouped_batches(
-    order: Sequence[int], lengths: Sequence[int], batch_size: int,
+    order: Sequence[int],
+    lengths: Sequence[int],
+    batch_size: int,
     megabatches: int = LENGTH_GROUP_MEGABATCHES,
 ) -> list[list[int]]:
     """Micro-batches of similar-length examples, from an epoch's (shuffled) `order`.
@@ -117,13 +121,16 @@ def length_grouped_batches(
     size = batch_size * megabatches
     batches: list[list[int]] = []
     for start in range(0, len(order), size):
-        mega = sorted(order[start:start + size], key=lambda i: -lengths[i])
-        batches += [mega[j:j + batch_size] for j in range(0, len(mega), batch_size)]
+        mega = sorted(order[start : start + size], key=lambda i: -lengths[i])
+        batches += [mega[j : j + batch_size] for j in range(0, len(mega), batch_size)]
     return batches
 
 
 def plan_micro_batches(
-    order: Sequence[int], lengths: Sequence[int], batch_size: int, packing: str = "none",
+    order: Sequence[int],
+    lengths: Sequence[int],
+    batch_size: int,
+    packing: str = "none",
 ) -> list[list[int]]:
     """Example indices of every micro-batch of an epoch, in training order.
 
@@ -134,7 +141,7 @@ def plan_micro_batches(
     check_packing(packing)
     if packing == "length":
         return length_grouped_batches(order, lengths, batch_size)
-    return [list(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+    return [list(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
 
 
 def shard_micro_batch(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
@@ -147,9 +154,11 @@ def shard_micro_batch(indices: Sequence[int], rank: int, world_size: int) -> lis
 
 def check_packing(packing: str) -> str:
     if packing not in PACKING_MODES:
-        raise ValueError(f"packing must be one of {', '.join(PACKING_MODES)}, got {packing!r}; "
-                         "'bfd' packs each micro-batch into block-diagonal rows, 'length' "
-                         "batches examples of similar length")
+        raise ValueError(
+            f"packing must be one of {', '.join(PACKING_MODES)}, got {packing!r}; "
+            "'bfd' packs each micro-batch into block-diagonal rows, 'length' "
+            "batches examples of similar length"
+        )
     return packing
 
 
@@ -239,13 +248,18 @@ class PackedCollator:
         return batch
 
 
-def make_collator(pad_token_id: int, packing: str = "none", model: torch.nn.Module | None = None,
-                  capacity: int | None = None,
-                  pad_to_multiple_of: int | None = None) -> SFTCollator | PackedCollator:
+def make_collator(
+    pad_token_id: int,
+    packing: str = "none",
+    model: torch.nn.Module | None = None,
+    capacity: int | None = None,
+    pad_to_multiple_of: int | None = None,
+) -> SFTCollator | PackedCollator:
     """The collator a packing mode trains with: `PackedCollator` for 'bfd', else padding."""
     if check_packing(packing) == "bfd":
-        return PackedCollator(pad_token_id, mask=mask_kind_for(model), capacity=capacity,
-                              pad_to_multiple_of=pad_to_multiple_of)
+        return PackedCollator(
+            pad_token_id, mask=mask_kind_for(model), capacity=capacity, pad_to_multiple_of=pad_to_multiple_of
+        )
     return SFTCollator(pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
 
 
@@ -257,7 +271,8 @@ def count_input_tokens(batch: Mapping[str, torch.Tensor]) -> int:
 
 
 def naive_packed_batch(
-    features: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int,
+    features: Sequence[Mapping[str, Sequence[int]]],
+    pad_token_id: int,
 ) -> dict[str, torch.Tensor]:
     """WRONG on purpose: all examples in one row, restarted position ids, a 2-D mask of ones.
 
@@ -297,9 +312,14 @@ class LayoutCost:
         return {**self.__dict__, "padding_fraction": self.padding_fraction}
 
 
-def layout_cost(lengths: Sequence[int], micro_batches: Sequence[Sequence[int]],
-                packing: str = "none", *, varlen: bool = False,
-                capacity: int | None = None) -> LayoutCost:
+def layout_cost(
+    lengths: Sequence[int],
+    micro_batches: Sequence[Sequence[int]],
+    packing: str = "none",
+    *,
+    varlen: bool = False,
+    capacity: int | None = None,
+) -> LayoutCost:
     """Tokens and attention pairs an epoch plan computes under a packing mode.
 
     ``varlen=True`` models the padding-free layout ('bfd' with mask 'varlen' or flash
@@ -316,8 +336,7 @@ def layout_cost(lengths: Sequence[int], micro_batches: Sequence[Sequence[int]],
             computed += sum(ls)
             pairs += sum(n * n for n in ls)
         elif packing == "bfd":
-            rows = [[ls[i] for i in row]
-                    for row in best_fit_decreasing(ls, max(capacity or 0, max(ls)))]
+            rows = [[ls[i] for i in row] for row in best_fit_decreasing(ls, max(capacity or 0, max(ls)))]
             width = max(sum(r) for r in rows)
             computed += width * len(rows)
             pairs += width * width * len(rows)

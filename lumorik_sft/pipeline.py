@@ -15,7 +15,10 @@ from lumorik_sft import encoding, generation, metrics, models
 
 
 def model_and_tokenizer(
-    name_or_path: str | None, *, fallback_texts: list[str] | None = None, seed: int = 0,
+    name_or_path: str | None,
+    *,
+    fallback_texts: list[str] | None = None,
+    seed: int = 0,
     device: str = "auto",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """The requested model, else the embedded one, else a small GPT-2 built from scratch.
@@ -29,8 +32,7 @@ def model_and_tokenizer(
     if not fallback_texts:
         raise FileNotFoundError("no model given and the embedded base model is missing")
     tokenizer = models.train_bpe_tokenizer(fallback_texts, vocab_size=2048)
-    model = models.build_model("gpt2", tokenizer, seed=seed, n_layer=4, width=128, n_head=4,
-                               context=256)
+    model = models.build_model("gpt2", tokenizer, seed=seed, n_layer=4, width=128, n_head=4, context=256)
     return model.to(models.resolve_device(device)), tokenizer, "random-init gpt2 (no embedded model)"
 
 
@@ -77,8 +79,12 @@ def evaluate_model(
         report.prompts = [r["prompt"] for r in chosen]
         report.references = [r["completion"] for r in chosen]
         report.predictions = generation.generate_completions(
-            model, tokenizer, report.prompts, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, progress=progress,
+            model,
+            tokenizer,
+            report.prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
         )
         report.bleu = metrics.corpus_bleu(report.predictions, report.references)
         report.rouge = metrics.rouge(report.predictions, report.references)

@@ -105,8 +105,10 @@ def _to_record(
             prompt, completion = messages_to_prompt_completion(obj[messages_field])
         except ValueError as err:
             raise _RowError("malformed_messages", str(err)) from None
-        return _check_unicode({"prompt": prompt, "completion": completion},
-                              {"prompt": messages_field, "completion": messages_field})
+        return _check_unicode(
+            {"prompt": prompt, "completion": completion},
+            {"prompt": messages_field, "completion": messages_field},
+        )
     names = {"prompt": prompt_field, "completion": completion_field}
     names = {key: name for key, name in names.items() if name is not None}
     return _check_unicode({key: _string_field(obj, name) for key, name in names.items()}, names)
@@ -126,9 +128,12 @@ def _check_unicode(record: dict[str, str], names: dict[str, str]) -> dict[str, s
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as err:
-            raise _RowError("invalid_unicode", f"field '{names.get(key, key)}' holds a lone "
-                            f"surrogate U+{ord(text[err.start]):04X} at character {err.start + 1}, "
-                            "which UTF-8 cannot encode") from None
+            raise _RowError(
+                "invalid_unicode",
+                f"field '{names.get(key, key)}' holds a lone "
+                f"surrogate U+{ord(text[err.start]):04X} at character {err.start + 1}, "
+                "which UTF-8 cannot encode",
+            ) from None
     return record
 
 
@@ -264,8 +269,13 @@ def _read_csv(path: str, data: bytes, fields: tuple, out: _Collector) -> None:
             except _RowError as err:
                 out.reject(start, err, raw_row)
     if header is None:
-        raise DataError(path, None, "no CSV header: the file has no rows; the first line must "
-                        f"name the columns '{prompt_field}' and '{completion_field}'", "missing_column")
+        raise DataError(
+            path,
+            None,
+            "no CSV header: the file has no rows; the first line must "
+            f"name the columns '{prompt_field}' and '{completion_field}'",
+            "missing_column",
+        )
 
 
 def _check_header(path: str, line: int, header: list[str], required: Sequence[str]) -> list[str]:
@@ -273,8 +283,9 @@ def _check_header(path: str, line: int, header: list[str], required: Sequence[st
     for name in required:
         if name not in header:
             columns = ", ".join(repr(h) for h in header)
-            raise DataError(path, line, f"CSV header has no column '{name}' (columns: {columns})",
-                            "missing_column")
+            raise DataError(
+                path, line, f"CSV header has no column '{name}' (columns: {columns})", "missing_column"
+            )
     return header
 
 
@@ -298,8 +309,9 @@ def read_records(
     name = os.fspath(path)
     suffix = Path(name).suffix.lower()
     if suffix not in JSONL_SUFFIXES + CSV_SUFFIXES:
-        raise DataError(name, None, f"unsupported file type {suffix!r}: use .jsonl or .csv",
-                        "unsupported_format")
+        raise DataError(
+            name, None, f"unsupported file type {suffix!r}: use .jsonl or .csv", "unsupported_format"
+        )
     data = Path(name).read_bytes()
     out = _Collector(name, skip_invalid)
     fields = (prompt_field, completion_field, messages_field)
@@ -308,5 +320,3 @@ def read_records(
     else:
         _read_jsonl(name, data, fields, out)
     return out.result
-
-

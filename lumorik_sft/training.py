@@ -15,7 +15,8 @@ zero_grad()``. `train` keeps that shape and fixes what the chapter gets wrong or
 
 Where to read what: `train_step` is one optimizer step top to bottom (forward and backward
 through `accumulate_gradients`, clip, step, schedule, zero_grad); `train` and the `_train_loop`
-below it are the epochs around it (evaluate, log, checkpoint, stop). What a checkpoint holds
+below it are the epochs around it (evaluate, log, checkpoint, stop); the example order, the
+micro-batches of a step and AdamW come from `lumorik_sft.schedule`. What a checkpoint holds
 and how a run resumes exactly is in `lumorik_sft.checkpoint`; how several processes agree
 (token counts, the stop vote) in `lumorik_sft.distributed`; the loss itself in
 `lumorik_sft.metrics.completion_nll` (the reference) and `lumorik_sft.fused_loss` (the fast
@@ -30,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import itertools
 import json
 import math
 import time
@@ -40,38 +40,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup, set_seed
 
 from lumorik_sft import checkpoint
 from lumorik_sft.checkpoint import CHECKPOINT_NAME, TrainResult, load_checkpoint  # re-exported
 from lumorik_sft.config import TrainConfig
-from lumorik_sft.defaults import recommended_learning_rate, resolve_precision
+from lumorik_sft.defaults import autocast_context as _autocast
+from lumorik_sft.defaults import autocast_dtype, recommended_learning_rate, resolve_precision
 from lumorik_sft.distributed import DataParallel, StopSignals, setup_data_parallel, unwrap
 from lumorik_sft.encoding import IGNORE_INDEX, SFTCollator
 from lumorik_sft.fused_loss import completion_nll as fused_completion_nll
 from lumorik_sft.metrics import LossFn, completion_nll, evaluate_loss
 from lumorik_sft.models import context_length, fused_activations, prepare_tokenizer, resolve_device
-from lumorik_sft.packing import PackedCollator, count_input_tokens, make_collator, plan_micro_batches
+from lumorik_sft.packing import count_input_tokens, make_collator
 from lumorik_sft.progress import progress_quiet
+from lumorik_sft.schedule import Batch, Examples, _epoch_steps, build_optimizer, plan_steps
 
-Batch = dict[str, torch.Tensor]
-Examples = Sequence[Mapping[str, Sequence[int]]]  # encoded: input_ids, attention_mask, labels
 Callback = Callable[[dict[str, Any]], Any]
-
-
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The autocast dtype of a resolved precision: bfloat16 for 'bf16', None for 'fp32'."""
-    return torch.bfloat16 if precision == "bf16" else None
-
-
-def _autocast(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision for the forward pass only; the backward follows the forward's dtypes."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclass
@@ -178,9 +164,15 @@ def train_step(
     parallel = parallel or DataParallel()
     # 1. Forward and backward, token-weighted: every process divides by the global token count.
     n_total = parallel.total(sum(count_target_tokens(b) for b in micro_batches))
-    local = accumulate_gradients(model, micro_batches, loss_fn=loss_function(config),
-                                 autocast_dtype=autocast_dtype, n_total=n_total,
-                                 grad_scale=parallel.world_size, no_sync=parallel.no_sync(model))
+    local = accumulate_gradients(
+        model,
+        micro_batches,
+        loss_fn=loss_function(config),
+        autocast_dtype=autocast_dtype,
+        n_total=n_total,
+        grad_scale=parallel.world_size,
+        no_sync=parallel.no_sync(model),
+    )
     nll_sum, input_tokens = parallel.sum([local.nll_sum, local.input_tokens])
     step = StepLoss(nll_sum, n_total, int(input_tokens))
     if n_total == 0:
@@ -189,91 +181,18 @@ def train_step(
     if not math.isfinite(step.loss):
         raise FloatingPointError(
             f"non-finite loss {step.loss} at step {scheduler.last_epoch + 1}; lower learning_rate, "
-            "keep max_grad_norm on, or try precision='fp32'")
+            "keep max_grad_norm on, or try precision='fp32'"
+        )
     # 2. Clip the global gradient norm (max_grad_norm None or 0: measure it, do not clip).
-    step.grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                          config.max_grad_norm or math.inf))
+    step.grad_norm = float(
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
+    )
     # 3. Step with this step's learning rate, move the schedule on, clear the gradients.
     step.lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return step
-
-
-# --------------------------------------------------------------------------- data order
-
-
-def epoch_order(n_examples: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
-    """Example indices for one epoch: a permutation that depends only on (seed, epoch).
-
-    A generator of its own (not the global RNG) means a resumed run rebuilds the same order
-    without replaying anything; NumPy's SeedSequence mixes the pair without collisions.
-    """
-    if not shuffle:
-        return list(range(n_examples))
-    seed_of_epoch = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-    return torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed_of_epoch)).tolist()
-
-
-def _epoch_steps(
-    examples: Examples, lengths: Sequence[int],
-    collator: SFTCollator | PackedCollator, config: TrainConfig, parallel: DataParallel,
-    epoch: int, skip_batches: int,
-) -> Iterator[list[Batch]]:
-    """The optimizer steps left in `epoch`, each a list of grad_accum_steps micro-batches.
-
-    The plan (`packing.plan_micro_batches`) is a pure function of the epoch order, the
-    lengths and the config, so a resumed run rebuilds it and skips the `skip_batches`
-    micro-batches already consumed. With several processes the plan is made for the global
-    micro-batch (batch_size x processes) and this process keeps its share (`DataParallel.shard`).
-    The loader gets a private generator: without one, each `iter(DataLoader)` draws a seed
-    from the global torch RNG, which would shift dropout masks after a resume.
-    """
-    order = epoch_order(len(examples), config.seed, epoch, config.shuffle)
-    plan = plan_micro_batches(order, lengths, config.batch_size * parallel.world_size,
-                              config.packing)[skip_batches:]
-    plan, dataset, collate = parallel.shard(plan, examples, collator)
-    loader = iter(DataLoader(dataset, batch_sampler=plan, collate_fn=collate,  # type: ignore[arg-type]
-                             generator=torch.Generator().manual_seed(0)))
-    while group := list(itertools.islice(loader, config.grad_accum_steps)):
-        yield group
-
-
-# --------------------------------------------------------------------------- optimizer
-
-
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only.
-
-    Biases and LayerNorm/RMSNorm weights (all 1-D parameters) are not decayed: pulling a
-    norm's scale or a bias towards 0 is not regularisation, it just changes the function.
-    The chapter's `from transformers import AdamW` no longer exists (removed in transformers
-    v4.x after deprecation): `torch.optim.AdamW` is the replacement.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    # The fused kernel updates every tensor in one pass instead of looping over them: several
-    # times faster on a CPU, same update rule (HF Trainer's default is the fused one too).
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate,
-                             fused=fused or None)
-
-
-def plan_steps(n_examples: int, config: TrainConfig, world_size: int = 1) -> tuple[int, int, int]:
-    """(steps per epoch, total optimizer steps, warmup steps) for this data and config.
-
-    With `world_size` processes a micro-batch holds batch_size x world_size examples.
-    """
-    micro_batches = math.ceil(n_examples / (config.batch_size * world_size))
-    per_epoch = math.ceil(micro_batches / config.grad_accum_steps)
-    total = per_epoch * config.epochs
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
-    if config.warmup_steps is not None:
-        return per_epoch, total, min(config.warmup_steps, total)
-    return per_epoch, total, math.ceil(config.warmup_ratio * total)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -318,8 +237,14 @@ def _train_loop(run: _Run, stop: StopSignals) -> None:
     from tqdm.auto import tqdm
 
     prog, cfg = run.progress, run.config
-    bar = tqdm(total=run.total_steps, initial=prog.global_step, desc="train", unit="step",
-               disable=progress_quiet(cfg.progress) or not run.parallel.is_main, dynamic_ncols=True)
+    bar = tqdm(
+        total=run.total_steps,
+        initial=prog.global_step,
+        desc="train",
+        unit="step",
+        disable=progress_quiet(cfg.progress) or not run.parallel.is_main,
+        dynamic_ncols=True,
+    )
     with bar:
         while prog.epoch <= cfg.epochs and not prog.finished:
             ended_early = _run_epoch(run, stop, bar)
@@ -343,29 +268,48 @@ def _run_epoch(run: _Run, stop: StopSignals, bar: Any) -> bool:
         if prog.global_step >= run.total_steps:
             return True
         batches = [{k: v.to(run.device, non_blocking=True) for k, v in b.items()} for b in group]
-        step = train_step(run.model, batches, run.optimizer, run.scheduler, run.config,
-                          parallel=run.parallel, autocast_dtype=dtype)
+        step = train_step(
+            run.model,
+            batches,
+            run.optimizer,
+            run.scheduler,
+            run.config,
+            parallel=run.parallel,
+            autocast_dtype=dtype,
+        )
         prog.epoch_seconds += time.perf_counter() - tick
         prog.batches_done += len(group)
         prog.epoch_input_tokens += step.input_tokens
         if step.n_tokens == 0:
             prog.skipped_steps += 1
-            warnings.warn(f"skipped an optimizer step in epoch {prog.epoch}: its {len(group)} "
-                          f"micro-batch(es) have no supervised token ({prog.skipped_steps} skipped "
-                          "so far); check that completions survive truncation", stacklevel=2)
+            warnings.warn(
+                f"skipped an optimizer step in epoch {prog.epoch}: its {len(group)} "
+                f"micro-batch(es) have no supervised token ({prog.skipped_steps} skipped "
+                "so far); check that completions survive truncation",
+                stacklevel=2,
+            )
         else:
             prog.global_step += 1
             prog.epoch_nll += step.nll_sum
             prog.epoch_tokens += step.n_tokens
-            record = {"step": prog.global_step, "epoch": prog.epoch, "loss": step.loss, "lr": step.lr,
-                      "grad_norm": step.grad_norm, "tokens": step.n_tokens,
-                      "input_tokens": step.input_tokens, "elapsed": run.elapsed()}
+            record = {
+                "step": prog.global_step,
+                "epoch": prog.epoch,
+                "loss": step.loss,
+                "lr": step.lr,
+                "grad_norm": step.grad_norm,
+                "tokens": step.n_tokens,
+                "input_tokens": step.input_tokens,
+                "elapsed": run.elapsed(),
+            }
             run.result.steps.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{step.lr:.2e}")
             if run.config.log_every and prog.global_step % run.config.log_every == 0:
-                run.log(f"step {prog.global_step}/{run.total_steps}  loss {step.loss:.4f}  "
-                        f"lr {step.lr:.2e}  grad_norm {step.grad_norm:.3f}")
+                run.log(
+                    f"step {prog.global_step}/{run.total_steps}  loss {step.loss:.4f}  "
+                    f"lr {step.lr:.2e}  grad_norm {step.grad_norm:.3f}"
+                )
             run.notify("step", record)
         if stop.requested():
             return True
@@ -378,17 +322,25 @@ def _finish_epoch(run: _Run, epoch: int) -> None:
     prog, val_loss, val_ppl = run.progress, None, None
     if run.val_batches:  # token-weighted validation loss and perplexity, with the training loss
         with _autocast(autocast_dtype(run.result.precision), run.device):
-            ev = evaluate_loss(unwrap(run.model), run.val_batches, device=run.device,
-                               loss_fn=loss_function(run.config))
+            ev = evaluate_loss(
+                unwrap(run.model), run.val_batches, device=run.device, loss_fn=loss_function(run.config)
+            )
         val_loss, val_ppl = ev.loss, ev.perplexity
     train_loss = prog.epoch_nll / prog.epoch_tokens if epoch > 0 and prog.epoch_tokens else None
     seconds = prog.epoch_seconds if epoch > 0 else 0.0
-    record = {"epoch": epoch, "step": prog.global_step, "train_loss": train_loss,
-              "val_loss": val_loss, "val_perplexity": val_ppl, "seconds": seconds,
-              "tokens_per_second": prog.epoch_input_tokens / seconds if seconds > 0 else None}
+    record = {
+        "epoch": epoch,
+        "step": prog.global_step,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_perplexity": val_ppl,
+        "seconds": seconds,
+        "tokens_per_second": prog.epoch_input_tokens / seconds if seconds > 0 else None,
+    }
     run.result.epochs.append(record)
-    run.log(f"epoch {epoch}: train_loss {_fmt(train_loss)}  val_loss {_fmt(val_loss)}  "
-            f"val_ppl {_fmt(val_ppl)}")
+    run.log(
+        f"epoch {epoch}: train_loss {_fmt(train_loss)}  val_loss {_fmt(val_loss)}  val_ppl {_fmt(val_ppl)}"
+    )
     run.notify("epoch", record)
 
 
@@ -405,9 +357,18 @@ def _save(run: _Run) -> Path | None:
         return None
     path = Path(run.config.output_dir) / CHECKPOINT_NAME
     run.progress.elapsed, run.started = run.elapsed(), time.perf_counter()
-    checkpoint.save_run(path, unwrap(run.model), run.optimizer, run.scheduler,
-                        progress=run.progress, result=run.result.to_dict(), config=run.config,
-                        fingerprint=run.fingerprint, parallel=run.parallel, device=run.device)
+    checkpoint.save_run(
+        path,
+        unwrap(run.model),
+        run.optimizer,
+        run.scheduler,
+        progress=run.progress,
+        result=run.result.to_dict(),
+        config=run.config,
+        fingerprint=run.fingerprint,
+        parallel=run.parallel,
+        device=run.device,
+    )
     run.result.checkpoint_path = str(path)
     return path
 
@@ -418,15 +379,18 @@ def _interrupt(run: _Run, stop: StopSignals) -> None:
     path = _save(run)
     if not run.parallel.is_main:
         return
-    stopped = f"Stopped by {stop.name or 'a signal to another process'} after step " \
-              f"{run.progress.global_step}"
+    stopped = f"Stopped by {stop.name or 'a signal to another process'} after step {run.progress.global_step}"
     if path is None:
-        print(f"{stopped}; no checkpoint (no output folder was set): the model in memory holds "
-              "the weights so far.")
+        print(
+            f"{stopped}; no checkpoint (no output folder was set): the model in memory holds "
+            "the weights so far."
+        )
     else:
         checkpoint.write_history(path.parent, run.result)
-        print(f"{stopped}; checkpoint saved to {path}. Resume with the same command plus "
-              "--resume (in Python: train(..., resume=True) with the same arguments).")
+        print(
+            f"{stopped}; checkpoint saved to {path}. Resume with the same command plus "
+            "--resume (in Python: train(..., resume=True) with the same arguments)."
+        )
 
 
 def _finalize(run: _Run, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -447,8 +411,9 @@ def _finalize(run: _Run, tokenizer: PreTrainedTokenizerBase) -> None:
 def _check_examples(model: torch.nn.Module, train_examples: Examples, val_examples: Examples | None) -> None:
     """Fail before training, not with an index error in the position embedding mid-run."""
     if not train_examples:
-        raise ValueError("train_examples is empty; encode some records with "
-                         "lumorik_sft.encoding.encode_records first")
+        raise ValueError(
+            "train_examples is empty; encode some records with lumorik_sft.encoding.encode_records first"
+        )
     missing = {"input_ids", "attention_mask", "labels"} - set(train_examples[0])
     if missing:
         raise ValueError(f"examples lack {sorted(missing)}; build them with encode_records")
@@ -456,13 +421,21 @@ def _check_examples(model: torch.nn.Module, train_examples: Examples, val_exampl
     for what, examples in (("training", train_examples), ("validation", val_examples or [])):
         longest = max((len(ex["input_ids"]) for ex in examples), default=0)
         if limit is not None and longest > limit:
-            raise ValueError(f"the longest {what} example has {longest} tokens but the model's "
-                             f"context is {limit}; encode with max_length={limit} or less "
-                             "(encoding.fit_max_length(model))")
+            raise ValueError(
+                f"the longest {what} example has {longest} tokens but the model's "
+                f"context is {limit}; encode with max_length={limit} or less "
+                "(encoding.fit_max_length(model))"
+            )
 
 
-def _setup(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, train_examples: Examples,
-           val_examples: Examples | None, config: TrainConfig, callback: Callback | None) -> _Run:
+def _setup(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train_examples: Examples,
+    val_examples: Examples | None,
+    config: TrainConfig,
+    callback: Callback | None,
+) -> _Run:
     _check_examples(model, train_examples, val_examples)
     if config.learning_rate is None:  # one rule for every caller: the model's recommended rate
         lr = recommended_learning_rate(getattr(model, "name_or_path", None), model)
@@ -472,26 +445,38 @@ def _setup(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, train_exa
     device = parallel.device if parallel.active else resolve_device(config.device)
     model.to(device)
     pad_id = prepare_tokenizer(tokenizer).pad_token_id
-    collator = make_collator(pad_id, config.packing, model, capacity=config.pack_length,
-                             pad_to_multiple_of=config.pad_to_multiple_of)
+    collator = make_collator(
+        pad_id,
+        config.packing,
+        model,
+        capacity=config.pack_length,
+        pad_to_multiple_of=config.pad_to_multiple_of,
+    )
     val_batches = None
     if val_examples:  # validation is the same whatever the packing
         ebs, val_collator = config.eval_batch_size, SFTCollator(pad_id)
-        val_batches = [val_collator(list(val_examples[i:i + ebs]))
-                       for i in range(0, len(val_examples), ebs)]
+        val_batches = [
+            val_collator(list(val_examples[i : i + ebs])) for i in range(0, len(val_examples), ebs)
+        ]
     optimizer = build_optimizer(model, config)
     _, total, warmup = plan_steps(len(train_examples), config, parallel.world_size)
     lengths = [len(ex["input_ids"]) for ex in train_examples]
     return _Run(
-        model=parallel.wrap(model), config=config, parallel=parallel, device=device,
-        optimizer=optimizer, scheduler=get_linear_schedule_with_warmup(optimizer, warmup, total),
-        steps_of_epoch=functools.partial(_epoch_steps, train_examples, lengths, collator, config,
-                                         parallel),
-        val_batches=val_batches, fingerprint=checkpoint.data_fingerprint(train_examples),
+        model=parallel.wrap(model),
+        config=config,
+        parallel=parallel,
+        device=device,
+        optimizer=optimizer,
+        scheduler=get_linear_schedule_with_warmup(optimizer, warmup, total),
+        steps_of_epoch=functools.partial(_epoch_steps, train_examples, lengths, collator, config, parallel),
+        val_batches=val_batches,
+        fingerprint=checkpoint.data_fingerprint(train_examples),
         total_steps=total,
-        result=TrainResult(device=str(device), precision=resolve_precision(config.precision, device),
-                           config=config.to_dict()),
-        callback=callback)
+        result=TrainResult(
+            device=str(device), precision=resolve_precision(config.precision, device), config=config.to_dict()
+        ),
+        callback=callback,
+    )
 
 
 def train(
@@ -520,8 +505,15 @@ def train(
     ckpt_path = checkpoint.resume_path(resume, config.output_dir)
     if ckpt_path is not None:  # weights, optimizer, schedule, position, history, RNG states
         run.progress = checkpoint.restore_run(
-            load_checkpoint(ckpt_path), unwrap(run.model), run.optimizer, run.scheduler,
-            config=run.config, fingerprint=run.fingerprint, result=run.result, parallel=run.parallel)
+            load_checkpoint(ckpt_path),
+            unwrap(run.model),
+            run.optimizer,
+            run.scheduler,
+            config=run.config,
+            fingerprint=run.fingerprint,
+            result=run.result,
+            parallel=run.parallel,
+        )
     model.train()
     with StopSignals(run.parallel) as stop, fused_activations(model, config.fused_activations):
         if not run.result.epochs and not run.progress.finished:
@@ -583,14 +575,17 @@ def smoke_run() -> TrainResult:
     from lumorik_sft.encoding import encode_records
     from lumorik_sft.models import build_model, train_bpe_tokenizer
 
-    pairs = [{"prompt": f"Add {i} and {i}.", "completion": f"{i} plus {i} is {2 * i}."}
-             for i in range(32)]
-    tokenizer = train_bpe_tokenizer([p["prompt"] + p["completion"] for p in pairs] * 5,
-                                    vocab_size=300)
+    pairs = [{"prompt": f"Add {i} and {i}.", "completion": f"{i} plus {i} is {2 * i}."} for i in range(32)]
+    tokenizer = train_bpe_tokenizer([p["prompt"] + p["completion"] for p in pairs] * 5, vocab_size=300)
     examples, _ = encode_records(pairs, tokenizer)
     model = build_model("gpt2", tokenizer, n_layer=2, width=32, n_head=2, context=64)
-    result = train(model, tokenizer, examples[:28], examples[28:],
-                   TrainConfig(learning_rate=3e-3, batch_size=4, epochs=2, log_every=4))
+    result = train(
+        model,
+        tokenizer,
+        examples[:28],
+        examples[28:],
+        TrainConfig(learning_rate=3e-3, batch_size=4, epochs=2, log_every=4),
+    )
     print(json.dumps(result.epochs, indent=2))
     return result
 

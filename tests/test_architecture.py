@@ -40,15 +40,18 @@ CORE = [p for p in _modules(PACKAGE) if p.name != "__init__.py"] + [PACKAGE / "_
 
 @pytest.mark.parametrize("path", CORE, ids=lambda p: p.name)
 def test_core_never_imports_the_course_or_the_recipe(path):
-    offending = sorted(n for n in _imported_names(path)
-                       if any(n == part or n.startswith(part + ".") for part in OUTER_PARTS))
+    offending = sorted(
+        n for n in _imported_names(path) if any(n == part or n.startswith(part + ".") for part in OUTER_PARTS)
+    )
     assert not offending, f"{path.name} (core) imports {offending}; move that code to course/ or basemodel/"
 
 
 def test_the_check_catches_an_outer_import(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("import importlib\nimportlib.import_module('lumorik_sft.course.checks')\n"
-                   "def f():\n    from lumorik_sft.basemodel import pretrain\n")
+    bad.write_text(
+        "import importlib\nimportlib.import_module('lumorik_sft.course.checks')\n"
+        "def f():\n    from lumorik_sft.basemodel import pretrain\n"
+    )
     assert {"lumorik_sft.course.checks", "lumorik_sft.basemodel"} <= _imported_names(bad)
 
 
@@ -58,8 +61,7 @@ def test_the_recipe_does_not_import_the_course():
         assert not offending, f"{path} imports {offending}"
 
 
-@pytest.mark.parametrize("path", _modules(PACKAGE, recursive=True),
-                         ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize("path", _modules(PACKAGE, recursive=True), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_module_is_over_600_lines(path):
     n = len(path.read_text().splitlines())
     assert n <= MAX_LINES, f"{path.relative_to(PACKAGE)} has {n} lines; split it by concern"

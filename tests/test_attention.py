@@ -33,8 +33,7 @@ def examples(toy_tokenizer):
 # --------------------------------------------------------------------------- model inputs
 
 
-def test_model_inputs_pass_model_keys_and_switch_attention_for_a_padding_free_batch(toy_tokenizer,
-                                                                                     examples):
+def test_model_inputs_pass_model_keys_and_switch_attention_for_a_padding_free_batch(toy_tokenizer, examples):
     """Bookkeeping (labels, segment_ids) stays out of the forward call; a padding-free batch
     adds its offsets and longest example and runs on the varlen attention, restored after."""
     model = _model(toy_tokenizer)
@@ -65,10 +64,15 @@ def test_segment_attention_matches_sdpa_per_example_in_float64(lengths):
     bounds = (0, *itertools.accumulate(lengths))
     q, k, v = (torch.randn(heads, t, dim, dtype=torch.float64, requires_grad=True) for _ in range(3))
     grad = torch.randn(heads, t, dim, dtype=torch.float64)
-    out = SegmentAttention.apply(q, k, v, bounds, dim ** -0.5)
+    out = SegmentAttention.apply(q, k, v, bounds, dim**-0.5)
     got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
-    ref_out = torch.cat([F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True)
-                         for s, e in zip(bounds, bounds[1:], strict=False)], dim=1)
+    ref_out = torch.cat(
+        [
+            F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True)
+            for s, e in zip(bounds, bounds[1:], strict=False)
+        ],
+        dim=1,
+    )
     want = [ref_out, *torch.autograd.grad(ref_out, (q, k, v), grad)]
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
@@ -82,8 +86,10 @@ def test_varlen_attention_handles_grouped_query_heads_and_bf16(toy_tokenizer, ex
     assert model.config.num_key_value_heads == 2
     chunk = examples[:6]
     results = []
-    for batch in (SFTCollator(toy_tokenizer.pad_token_id)(chunk),
-                  PackedCollator(toy_tokenizer.pad_token_id, mask="varlen", pad_to_multiple_of=16)(chunk)):
+    for batch in (
+        SFTCollator(toy_tokenizer.pad_token_id)(chunk),
+        PackedCollator(toy_tokenizer.pad_token_id, mask="varlen", pad_to_multiple_of=16)(chunk),
+    ):
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             nll, n = loss_fn(model, batch)
@@ -95,8 +101,9 @@ def test_varlen_attention_handles_grouped_query_heads_and_bf16(toy_tokenizer, ex
 
 
 @pytest.mark.parametrize("arch_name", ["gpt2", "llama"])
-def test_varlen_attention_gets_the_longest_example_from_the_batch(toy_tokenizer, examples, arch_name,
-                                                                  monkeypatch):
+def test_varlen_attention_gets_the_longest_example_from_the_batch(
+    toy_tokenizer, examples, arch_name, monkeypatch
+):
     """model_inputs reads the longest example once per batch and every layer's attention
     receives it as ``max_length_q`` (on a GPU the attention then never waits for the device)."""
     from transformers import AttentionInterface
@@ -111,8 +118,10 @@ def test_varlen_attention_gets_the_longest_example_from_the_batch(toy_tokenizer,
     model = _model(toy_tokenizer, arch_name)
     features = examples[:5]
     batch = PackedCollator(toy_tokenizer.pad_token_id, mask="varlen", pad_to_multiple_of=64)(features)
-    longest = max(max(len(f["input_ids"]) for f in features), int(batch["cu_seq_lens_q"][-1])
-                  - sum(len(f["input_ids"]) for f in features))  # the padding is a segment too
+    longest = max(
+        max(len(f["input_ids"]) for f in features),
+        int(batch["cu_seq_lens_q"][-1]) - sum(len(f["input_ids"]) for f in features),
+    )  # the padding is a segment too
     with torch.no_grad():
         completion_nll(model, batch)
     assert seen == [(longest, longest)] * model.config.num_hidden_layers
@@ -132,11 +141,17 @@ def test_cuda_varlen_passes_offsets_and_longest_to_pytorch(monkeypatch):
     q, k, v = (torch.randn(1, 4, 12, 8) for _ in range(3))
     cu = torch.tensor([0, 5, 12])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = attention._cuda_varlen(q, k, v, cu, 7, 8 ** -0.5)
+        out = attention._cuda_varlen(q, k, v, cu, 7, 8**-0.5)
     assert out.shape == (1, 12, 4, 8)
     shape, dtype, cu_dtype, offsets, max_q, max_k, options = calls[0]
-    assert (shape, dtype, cu_dtype, offsets, max_q, max_k) == ((12, 4, 8), torch.bfloat16, torch.int32,
-                                                              [0, 5, 12], 7, 7)
+    assert (shape, dtype, cu_dtype, offsets, max_q, max_k) == (
+        (12, 4, 8),
+        torch.bfloat16,
+        torch.int32,
+        [0, 5, 12],
+        7,
+        7,
+    )
     assert options.get("is_causal") is True or options.get("window_size") == (-1, 0)
 
 
@@ -175,8 +190,8 @@ def _max_gap_to_unpacked(model, features, batch, use_cache):
             ids, pos = batch["input_ids"], batch["position_ids"]
             for r in range(ids.shape[0]):
                 for s in range(ids.shape[1] - n + 1):
-                    if pos[r, s] == 0 and ids[r, s:s + n].tolist() == list(f["input_ids"]):
-                        gap = max(gap, float((logits[r, s:s + n] - alone).abs().max()))
+                    if pos[r, s] == 0 and ids[r, s : s + n].tolist() == list(f["input_ids"]):
+                        gap = max(gap, float((logits[r, s : s + n] - alone).abs().max()))
                         break
                 else:
                     continue

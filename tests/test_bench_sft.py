@@ -30,8 +30,17 @@ def _bench_module():
 
 def test_bench_quick_smoke(tmp_path):
     pytest.importorskip("trl")
-    cmd = [sys.executable, str(BENCH), "--quick", "--threads", "1", "--out", str(tmp_path),
-           "--contestants", "ours_padded,ours_packed,trl_default"]
+    cmd = [
+        sys.executable,
+        str(BENCH),
+        "--quick",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--contestants",
+        "ours_padded,ours_packed,trl_default",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # a hang guard, not a speed check
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
@@ -47,15 +56,18 @@ def test_bench_quick_smoke(tmp_path):
         assert r["peak_fraction_now"] == pytest.approx(r["useful_flop_s"] / r["peak_now"])
     # Packing changes the layout, not the arithmetic: same batches, same final loss.
     assert results["ours_packed"]["final_val_loss"] == pytest.approx(
-        results["ours_padded"]["final_val_loss"], abs=1e-2)
+        results["ours_padded"]["final_val_loss"], abs=1e-2
+    )
     # the validation-loss comparison is also averaged over extra training seeds (default 1, 2)
     over = payload["summary"]["val_over_seeds"]
     assert over["seeds"] == [0, 1, 2] and len(over["losses"]["ours_packed"]) == 3
     assert over["packed_vs_trl_default"] == pytest.approx(
-        sum(over["losses"]["ours_packed"]) / sum(over["losses"]["trl_default"]) - 1)
+        sum(over["losses"]["ours_packed"]) / sum(over["losses"]["trl_default"]) - 1
+    )
     # ... and so are the speed ratios (the padded loop is re-run too): summed times
     assert over["speed"]["packed_vs_padded"] == pytest.approx(
-        sum(over["seconds"]["ours_padded"]) / sum(over["seconds"]["ours_packed"]))
+        sum(over["seconds"]["ours_padded"]) / sum(over["seconds"]["ours_packed"])
+    )
     assert len(over["seconds"]["trl_default"]) == 3
     assert "mean over training seeds 0, 1, 2" in (tmp_path / "RESULTS.md").read_text()
     # padding and TRL's recomputation only ever add arithmetic to the packed loop's
@@ -69,14 +81,27 @@ def test_bench_quick_smoke(tmp_path):
 def test_bench_cuda_dry_runs_on_cpu(tmp_path):
     """The CUDA check cannot run in CI (no GPU); its CPU dry run keeps the script from rotting:
     every check runs and passes, and the report holds every contestant."""
-    if not (Path(__file__).resolve().parents[1] / "lumorik_sft" / "assets" / "base-model"
-            / "model.safetensors").exists():
+    if not (
+        Path(__file__).resolve().parents[1] / "lumorik_sft" / "assets" / "base-model" / "model.safetensors"
+    ).exists():
         pytest.skip("needs the embedded model")
     out = tmp_path / "bench_cuda.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCH.parent / "bench_cuda.py"), "--device", "cpu", "--limit", "16",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+        [
+            sys.executable,
+            str(BENCH.parent / "bench_cuda.py"),
+            "--device",
+            "cpu",
+            "--limit",
+            "16",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["failures"] == []
@@ -113,19 +138,22 @@ def test_executed_work_by_hand():
     bench_sft = _bench_module()
     work = bench_sft.executed_work([2, 4, 3], 5, [[0, 1], [2]], linear=10, head=4, n_layer=1, d=1)
     assert work == {"ours_packed": 618, "ours_padded": 762, "trl_default": 1120, "padded_tokens": 11}
-    no_ckpt = bench_sft.executed_work([2, 4, 3], 5, [[0, 1], [2]], linear=10, head=4, n_layer=1, d=1,
-                                      checkpointing=False)
+    no_ckpt = bench_sft.executed_work(
+        [2, 4, 3], 5, [[0, 1], [2]], linear=10, head=4, n_layer=1, d=1, checkpointing=False
+    )
     assert no_ckpt["trl_default"] == 906
     # Rows rounded up to 4 tokens: packed rows of 6 -> 8 and 3 -> 4 (+3 tokens), padded widths
     # 4 and 3 -> 4 (+1 token); each extra token costs 6·(10 - 4) = 36 (body only, no head).
-    rounded = bench_sft.executed_work([2, 4, 3], 5, [[0, 1], [2]], linear=10, head=4, n_layer=1, d=1,
-                                      multiple=4)
+    rounded = bench_sft.executed_work(
+        [2, 4, 3], 5, [[0, 1], [2]], linear=10, head=4, n_layer=1, d=1, multiple=4
+    )
     assert (rounded["ours_packed"], rounded["ours_padded"]) == (618 + 3 * 36, 762 + 36)
     assert rounded["trl_default"] == 1120
     # Our loops also skip the last block's MLP (2 weights here) where they skip the head:
     # packed 618 - 6·2·(9-5) = 570, padded 762 - 6·2·(11-5) = 690; TRL runs it everywhere.
-    skipped = bench_sft.executed_work([2, 4, 3], 5, [[0, 1], [2]], linear=10, head=4, n_layer=1, d=1,
-                                      last_mlp=2)
+    skipped = bench_sft.executed_work(
+        [2, 4, 3], 5, [[0, 1], [2]], linear=10, head=4, n_layer=1, d=1, last_mlp=2
+    )
     assert (skipped["ours_packed"], skipped["ours_padded"], skipped["trl_default"]) == (570, 690, 1120)
 
 

@@ -52,9 +52,13 @@ def test_damaged_checkpoint_is_one_line_that_says_what_to_do(tmp_path, keep):
 
 
 def test_missing_checkpoint_speaks_to_the_command_line_and_to_python(tmp_path):
-    with pytest.raises(FileNotFoundError, match=(
+    with pytest.raises(
+        FileNotFoundError,
+        match=(
             rf"^nothing to resume: no checkpoint.pt in {tmp_path}; run again without --resume "
-            r"\(resume=False in Python\) to begin a new run$")):
+            r"\(resume=False in Python\) to begin a new run$"
+        ),
+    ):
         load_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError, match="nothing to resume: no checkpoint at .*other.pt"):
         load_checkpoint(tmp_path / "other.pt")
@@ -68,13 +72,25 @@ def test_train_resume_on_a_truncated_checkpoint_prints_one_line(tmp_path, toy_to
     model = build_model("gpt2", toy_tokenizer, n_layer=1, width=16, n_head=2, context=64)
     model.save_pretrained(tmp_path / "model")
     toy_tokenizer.save_pretrained(tmp_path / "model")
-    (tmp_path / "t.jsonl").write_text("".join(
-        json.dumps({"prompt": f"say {i}", "completion": f"number {i}"}) + "\n" for i in range(4)))
+    (tmp_path / "t.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"say {i}", "completion": f"number {i}"}) + "\n" for i in range(4))
+    )
     out = tmp_path / "out"
     save_checkpoint(out / CHECKPOINT_NAME, _payload(1.0))
     (out / CHECKPOINT_NAME).write_bytes((out / CHECKPOINT_NAME).read_bytes()[:500])
-    code = cli.main(["train", "--model", str(tmp_path / "model"), "--train", str(tmp_path / "t.jsonl"),
-                     "--out", str(out), "--resume", "--no-progress"])
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            str(tmp_path / "model"),
+            "--train",
+            str(tmp_path / "t.jsonl"),
+            "--out",
+            str(out),
+            "--resume",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("lumorik-sft: error: checkpoint ") and "is damaged" in err

@@ -341,9 +341,13 @@ WRONG_ANSWERS: dict[str, list[tuple[object, str]]] = {
     ],
     "q3": [(1.25, "exp of it"), (0.29, "NEGATIVE")],
     "q4": [("a", "labels=input_ids"), ("d", "label -100, not the pad id")],
-    "q5": [({"a", "b", "c", "d", "e"}, "not an advantage"), ({"a"}, "is an advantage"),
-           ({"z"}, "letters a to e; 'z' is not one"), ("none", "'none' is not one"),
-           ({"b", "d"}, "none of the options you chose is an advantage")],
+    "q5": [
+        ({"a", "b", "c", "d", "e"}, "not an advantage"),
+        ({"a"}, "is an advantage"),
+        ({"z"}, "letters a to e; 'z' is not one"),
+        ("none", "'none' is not one"),
+        ({"b", "d"}, "none of the options you chose is an advantage"),
+    ],
 }
 
 
@@ -491,7 +495,9 @@ def test_each_exercise_is_declared_next_to_its_functions():
             assert ex.notebook == module.CHAPTER.notebook
             for piece in ("reference", "compare"):
                 where = getattr(ex, piece).__module__
-                assert where == module.__name__, f"{ex.name}: {piece} is defined in {where}, not {module.__name__}"
+                assert where == module.__name__, (
+                    f"{ex.name}: {piece} is defined in {where}, not {module.__name__}"
+                )
             registered.append(ex)
     assert {ex.name: ex for ex in registered} == checks.EXERCISES
     assert len(registered) == len(checks.EXERCISES)  # no name registered twice
@@ -509,9 +515,11 @@ def test_importing_the_checks_imports_every_module_and_ignore_index_is_not_redef
     import subprocess
     import sys
 
-    code = ("import sys, lumorik_sft.course.checks as c\n"
-            "assert 'torch' not in sys.modules, 'the checks import the package inside functions'\n"
-            "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.startswith(c.__name__)))")
+    code = (
+        "import sys, lumorik_sft.course.checks as c\n"
+        "assert 'torch' not in sys.modules, 'the checks import the package inside functions'\n"
+        "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.startswith(c.__name__)))"
+    )
     files = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert {Path(f).resolve() for f in files.split()} == set(CHECKS_DIR.glob("*.py"))
     for path in CHECKS_DIR.glob("*.py"):

@@ -35,7 +35,9 @@ def test_data_command_error_is_one_line_naming_file_and_line(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "lumorik_sft.cli", "data", str(raw), "--out", str(out)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
@@ -87,12 +89,14 @@ def test_console_script_is_the_front_door():
 
 
 def test_help_does_not_import_torch():
-    code = ("import contextlib, io, sys\n"
-            "from lumorik_sft.course.cli import build_parser\n"
-            "for argv in ([], ['--help'], ['train', '--help'], ['data', '--help']):\n"
-            "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
-            "        build_parser().parse_args(argv)\n"
-            "print('torch' in sys.modules, 'transformers' in sys.modules)\n")
+    code = (
+        "import contextlib, io, sys\n"
+        "from lumorik_sft.course.cli import build_parser\n"
+        "for argv in ([], ['--help'], ['train', '--help'], ['data', '--help']):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        build_parser().parse_args(argv)\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.split() == ["False", "False"]
 
@@ -122,19 +126,75 @@ def _train_config(*flags: str) -> TrainConfig:
 
 def test_train_flags_today_s_names_and_generated_ones():
     assert _train_config() == TrainConfig(output_dir="run")  # the dataclass's defaults, lr None
-    old = _train_config("--lr", "1e-3", "--batch-size", "4", "--grad-accum", "2", "--epochs", "1",
-                        "--warmup-ratio", "0.1", "--max-steps", "5", "--seed", "3", "--device", "cpu",
-                        "--precision", "fp32", "--packing", "bfd", "--pack-length", "64",
-                        "--pad-to-multiple-of", "8")
-    assert old == TrainConfig(learning_rate=1e-3, batch_size=4, grad_accum_steps=2, epochs=1,
-                              warmup_ratio=0.1, max_steps=5, seed=3, device="cpu", precision="fp32",
-                              packing="bfd", pack_length=64, pad_to_multiple_of=8, output_dir="run")
-    new = _train_config("--learning-rate", "2e-4", "--grad-accum-steps", "3", "--no-shuffle",
-                        "--no-progress", "--max-grad-norm", "none", "--weight-decay", "0.01",
-                        "--warmup-steps", "10", "--log-every", "0", "--no-fused-loss")
-    assert (new.learning_rate, new.grad_accum_steps, new.shuffle, new.progress, new.max_grad_norm,
-            new.weight_decay, new.warmup_steps, new.log_every, new.fused_loss) == (
-        2e-4, 3, False, False, None, 0.01, 10, 0, False)
+    old = _train_config(
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--epochs",
+        "1",
+        "--warmup-ratio",
+        "0.1",
+        "--max-steps",
+        "5",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--packing",
+        "bfd",
+        "--pack-length",
+        "64",
+        "--pad-to-multiple-of",
+        "8",
+    )
+    assert old == TrainConfig(
+        learning_rate=1e-3,
+        batch_size=4,
+        grad_accum_steps=2,
+        epochs=1,
+        warmup_ratio=0.1,
+        max_steps=5,
+        seed=3,
+        device="cpu",
+        precision="fp32",
+        packing="bfd",
+        pack_length=64,
+        pad_to_multiple_of=8,
+        output_dir="run",
+    )
+    new = _train_config(
+        "--learning-rate",
+        "2e-4",
+        "--grad-accum-steps",
+        "3",
+        "--no-shuffle",
+        "--no-progress",
+        "--max-grad-norm",
+        "none",
+        "--weight-decay",
+        "0.01",
+        "--warmup-steps",
+        "10",
+        "--log-every",
+        "0",
+        "--no-fused-loss",
+    )
+    assert (
+        new.learning_rate,
+        new.grad_accum_steps,
+        new.shuffle,
+        new.progress,
+        new.max_grad_norm,
+        new.weight_decay,
+        new.warmup_steps,
+        new.log_every,
+        new.fused_loss,
+    ) == (2e-4, 3, False, False, None, 0.01, 10, 0, False)
 
 
 def test_bad_train_settings_are_one_line_before_any_model_loads(tmp_path, capsys):
@@ -182,7 +242,8 @@ def test_a_model_path_with_no_model_is_one_line(tmp_path, capsys):
     assert main(["generate", "--model", "/no/such/folder", "--prompt", "hi"]) == 2
     assert _one_error_line(capsys) == (
         "lumorik-sft: error: no model folder at /no/such/folder (give a local folder with "
-        "config.json, or a Hugging Face model name)")
+        "config.json, or a Hugging Face model name)"
+    )
     (tmp_path / "empty").mkdir()
     (tmp_path / "v.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
     assert main(["eval", "--model", str(tmp_path / "empty"), "--data", str(tmp_path / "v.jsonl")]) == 2
@@ -191,14 +252,27 @@ def test_a_model_path_with_no_model_is_one_line(tmp_path, capsys):
 
 def test_front_door_train_with_a_missing_model_exits_2_without_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "lumorik_sft.course.cli", "train", "--model", "/no/such/folder",
-         "--train", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "lumorik_sft.course.cli",
+            "train",
+            "--model",
+            "/no/such/folder",
+            "--train",
+            str(tmp_path / "t.jsonl"),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "lumorik-sft: error: no model folder at /no/such/folder (give a local folder with config.json, "
-        "or a Hugging Face model name)"]
+        "or a Hugging Face model name)"
+    ]
 
 
 def test_demo_runs_end_to_end_in_fast_mode(tmp_path, monkeypatch, capsys):
@@ -228,23 +302,72 @@ def test_train_eval_generate_commands_on_a_local_model(tmp_path, toy_tokenizer, 
     data.write_jsonl(tmp_path / "train.jsonl", records[:20])
     data.write_jsonl(tmp_path / "val.jsonl", records[20:])
     run = tmp_path / "run"
-    assert main(["train", "--model", str(base), "--train", str(tmp_path / "train.jsonl"),
-                 "--val", str(tmp_path / "val.jsonl"), "--out", str(run), "--lr", "1e-2",
-                 "--epochs", "1", "--batch-size", "4", "--precision", "fp32"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(base),
+                "--train",
+                str(tmp_path / "train.jsonl"),
+                "--val",
+                str(tmp_path / "val.jsonl"),
+                "--out",
+                str(run),
+                "--lr",
+                "1e-2",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "learning rate 0.01\n" in printed
     epochs = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
     assert [e["epoch"] for e in epochs] == [0, 1] and epochs[1]["val_loss"] < epochs[0]["val_loss"]
     assert (run / "checkpoint.pt").exists() and (run / "final" / "tokenizer.json").exists()
 
-    assert main(["eval", "--model", str(run / "final"), "--data", str(tmp_path / "val.jsonl"),
-                 "--n-generate", "2", "--max-new-tokens", "8", "--out", str(tmp_path / "e.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(run / "final"),
+                "--data",
+                str(tmp_path / "val.jsonl"),
+                "--n-generate",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--out",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
     shown = json.loads(capsys.readouterr().out)
     assert shown["loss"] == pytest.approx(epochs[1]["val_loss"], rel=1e-4)
     assert len(json.loads((tmp_path / "e.json").read_text())["predictions"]) == 2
 
-    assert main(["generate", "--model", str(run / "final"), "--prompt", records[0]["prompt"],
-                 "--max-new-tokens", "8"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(run / "final"),
+                "--prompt",
+                records[0]["prompt"],
+                "--max-new-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert "### completion" in capsys.readouterr().out
 
 
@@ -278,16 +401,26 @@ def test_train_eval_generate_name_the_file_line_and_field(tmp_path, short_contex
     assert _one_error_line(capsys).endswith(f"{prompts}:2: missing field 'prompt'")
 
 
-def test_max_length_fits_the_model_context_and_cuts_are_reported(tmp_path, short_context_model,
-                                                                   capsys):
+def test_max_length_fits_the_model_context_and_cuts_are_reported(tmp_path, short_context_model, capsys):
     from lumorik_sft import data
 
     text = "the tenant sued the landlord over an unreturned deposit with interest"
-    records = [{"prompt": "the tenant sued", "completion": " ".join([text] * 12)},  # EOS lost
-               {"prompt": " ".join([text] * 12), "completion": "settled"}]  # prompt cut only
+    records = [
+        {"prompt": "the tenant sued", "completion": " ".join([text] * 12)},  # EOS lost
+        {"prompt": " ".join([text] * 12), "completion": "settled"},
+    ]  # prompt cut only
     data.write_jsonl(tmp_path / "t.jsonl", records)
-    common = ["train", "--model", str(short_context_model), "--train", str(tmp_path / "t.jsonl"),
-              "--epochs", "1", "--precision", "fp32"]
+    common = [
+        "train",
+        "--model",
+        str(short_context_model),
+        "--train",
+        str(tmp_path / "t.jsonl"),
+        "--epochs",
+        "1",
+        "--precision",
+        "fp32",
+    ]
     assert main([*common, "--out", str(tmp_path / "r1"), "--max-length", "65"]) == 2
     assert "max length 65 is longer than the model's context of 64 tokens" in _one_error_line(capsys)
     assert main([*common, "--out", str(tmp_path / "r2")]) == 0  # the default: 256 capped to 64

@@ -49,6 +49,7 @@ def pc(prompt: str, completion: str) -> dict:
 
 # ------------------------------------------------------------------------------------ clean_text
 
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
@@ -85,10 +86,14 @@ def test_clean_text_properties(text: str) -> None:
 
 # --------------------------------------------------------------------------------------- reading
 
+
 def test_read_jsonl_bom_crlf_blank_lines(tmp_path: Path) -> None:
     path = tmp_path / "raw.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "p1", "completion": "c1"}\r\n\r\n  \n'
-                     + b'{"prompt": "p2", "completion": "c2"}\r\n')
+    path.write_bytes(
+        b"\xef\xbb\xbf"
+        + b'{"prompt": "p1", "completion": "c1"}\r\n\r\n  \n'
+        + b'{"prompt": "p2", "completion": "c2"}\r\n'
+    )
     result = read_records(path)
     assert result.records == [pc("p1", "c1") | {"line": 1}, pc("p2", "c2") | {"line": 4}]
     assert result.n_read == 2 and result.rejects == []
@@ -117,8 +122,10 @@ def _file_with_bad_line(tmp_path: Path, bad: bytes, at: int = 17) -> Path:
         (b'{"prompt": "p", "completion": 3}', "field 'completion' must be a string, got int"),
         (b'["p", "c"]', "expected a JSON object, got list"),
         (b'{"prompt": "caf\xe9", "completion": "c"}', "invalid UTF-8: byte 0xe9 at column 16"),
-        (b'{"prompt": "p", "completion": "ab\\udc80"}',
-         "field 'completion' holds a lone surrogate U+DC80 at character 3"),
+        (
+            b'{"prompt": "p", "completion": "ab\\udc80"}',
+            "field 'completion' holds a lone surrogate U+DC80 at character 3",
+        ),
         (b"\x1c", "invalid JSON: Expecting value (column 1)"),  # str.strip() calls it blank
         ("\u3000".encode(), "invalid JSON: Expecting value (column 1)"),
     ],
@@ -133,12 +140,18 @@ def test_error_names_file_line_and_problem(tmp_path: Path, bad: bytes, message: 
 
 def test_skip_invalid_collects_rejects_and_goes_on(tmp_path: Path) -> None:
     path = tmp_path / "raw.jsonl"
-    path.write_bytes(jsonl_bytes(pc("a", "1"), b"{oops", pc("b", "2"), b'{"prompt": "\xff"}',
-                                 {"prompt": "c"}, pc("d", "4")))
+    path.write_bytes(
+        jsonl_bytes(
+            pc("a", "1"), b"{oops", pc("b", "2"), b'{"prompt": "\xff"}', {"prompt": "c"}, pc("d", "4")
+        )
+    )
     result = read_records(path, skip_invalid=True)
     assert [r["line"] for r in result.records] == [1, 3, 6]
     assert [(r["line"], r["code"]) for r in result.rejects] == [
-        (2, "invalid_json"), (4, "invalid_utf8"), (5, "missing_field")]
+        (2, "invalid_json"),
+        (4, "invalid_utf8"),
+        (5, "missing_field"),
+    ]
     assert result.rejects[0]["raw"] == "{oops"
     assert result.rejects[1]["raw"] == '{"prompt": "\\xff"}'
     assert result.n_read == 6
@@ -154,10 +167,13 @@ def test_csv_reads_quoted_multiline_and_reports_start_line(tmp_path: Path) -> No
         b"one,two,three\r\n"  # line 7: bad
     )
     result = read_records(path, skip_invalid=True)
-    assert result.records == [pc("first\r\nsecond\r\nthird", "ok") | {"line": 2},
-                              pc("x", "y, with comma") | {"line": 6}]
-    assert result.rejects == [{"line": 7, "code": "wrong_columns",
-                               "reason": "expected 2 columns, got 3", "raw": "one,two,three"}]
+    assert result.records == [
+        pc("first\r\nsecond\r\nthird", "ok") | {"line": 2},
+        pc("x", "y, with comma") | {"line": 6},
+    ]
+    assert result.rejects == [
+        {"line": 7, "code": "wrong_columns", "reason": "expected 2 columns, got 3", "raw": "one,two,three"}
+    ]
     assert result.n_read == 3
     with pytest.raises(DataError, match=r"raw\.csv:7: expected 2 columns, got 3$"):
         read_records(path)
@@ -181,8 +197,11 @@ def test_csv_without_header_or_with_unclosed_quote(tmp_path: Path) -> None:
         with pytest.raises(DataError, match=r"raw\.csv: no CSV header"):
             read_records(path, skip_invalid=True)
     path.write_bytes(b'prompt,completion\na,b\n"c,d\ne,f\n')
-    with pytest.raises(DataError, match=r'raw\.csv:3: expected 2 columns, got 1; a quote \(\"\) '
-                                         r"opened here is never closed, so the row runs to line 4$"):
+    with pytest.raises(
+        DataError,
+        match=r"raw\.csv:3: expected 2 columns, got 1; a quote \(\"\) "
+        r"opened here is never closed, so the row runs to line 4$",
+    ):
         read_records(path)
 
 
@@ -193,14 +212,15 @@ def test_lone_surrogate_is_rejected_and_curation_goes_on(tmp_path: Path) -> None
     assert (report.read, report.kept, report.rejected) == (2, 1, 1)
     assert read_jsonl(tmp_path / "out" / "rejects.jsonl")[0]["code"] == "invalid_unicode"
     chat = tmp_path / "chat.jsonl"
-    chat.write_bytes(b'{"messages": [{"role": "user", "content": "hi \\ud800"}, '
-                     b'{"role": "assistant", "content": "yo"}]}\n')
+    chat.write_bytes(
+        b'{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "yo"}]}\n'
+    )
     with pytest.raises(DataError, match=r"chat\.jsonl:1: field 'messages' holds a lone surrogate"):
         read_records(chat)
 
 
 def test_csv_round_trip(tmp_path: Path) -> None:
-    records = [pc("multi\nline, \"quoted\"", "é ü"), pc("plain", "text")]
+    records = [pc('multi\nline, "quoted"', "é ü"), pc("plain", "text")]
     write_csv(tmp_path / "data.csv", records)
     read = read_records(tmp_path / "data.csv")
     assert [pc(r["prompt"], r["completion"]) for r in read.records] == records
@@ -208,17 +228,24 @@ def test_csv_round_trip(tmp_path: Path) -> None:
 
 
 def test_messages_converted(tmp_path: Path) -> None:
-    chat = {"messages": [{"role": "system", "content": "Be brief."},
-                         {"role": "user", "content": "Define SFT."},
-                         {"role": "assistant", "content": "Fine-tuning on labelled pairs."}]}
+    chat = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Define SFT."},
+            {"role": "assistant", "content": "Fine-tuning on labelled pairs."},
+        ]
+    }
     path = tmp_path / "chat.jsonl"
     path.write_bytes(jsonl_bytes(chat, {"messages": [{"role": "user", "content": "hi"}]}))
     result = read_records(path, skip_invalid=True)
-    assert result.records == [pc("Be brief.\n\nDefine SFT.", "Fine-tuning on labelled pairs.")
-                              | {"line": 1}]
+    assert result.records == [pc("Be brief.\n\nDefine SFT.", "Fine-tuning on labelled pairs.") | {"line": 1}]
     assert result.rejects[0]["code"] == "malformed_messages"
-    multi = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-             {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    multi = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ]
     assert messages_to_prompt_completion(multi) == ("User: a\n\nAssistant: b\n\nUser: c", "d")
 
 
@@ -227,10 +254,14 @@ def test_messages_converted(tmp_path: Path) -> None:
     [
         ("hello", "must be a list"),
         ([{"role": "user", "content": "q"}], "no assistant message"),
-        ([{"role": "user", "content": 1}, {"role": "assistant", "content": "a"}],
-         "field 'content' must be a string, got int"),
-        ([{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}],
-         "must end with an assistant message"),
+        (
+            [{"role": "user", "content": 1}, {"role": "assistant", "content": "a"}],
+            "field 'content' must be a string, got int",
+        ),
+        (
+            [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}],
+            "must end with an assistant message",
+        ),
     ],
 )
 def test_malformed_messages(tmp_path: Path, messages: object, problem: str) -> None:
@@ -242,14 +273,27 @@ def test_malformed_messages(tmp_path: Path, messages: object, problem: str) -> N
 
 # -------------------------------------------------------------------------------------- curation
 
+
 def test_curate_reasons_and_order() -> None:
-    records = [pc("p", "c"), pc(" p ", "c\u200b"), pc("\u200b", "c"), pc("q", " "),
-               pc("long", "w " * 50), pc("long", "w " * 50), pc("r", "d")]
+    records = [
+        pc("p", "c"),
+        pc(" p ", "c\u200b"),
+        pc("\u200b", "c"),
+        pc("q", " "),
+        pc("long", "w " * 50),
+        pc("long", "w " * 50),
+        pc("r", "d"),
+    ]
     result = curate(records, max_tokens=10, length_fn=words)
     assert result.kept == [pc("p", "c"), pc("r", "d")]
     assert result.counts == {"empty_prompt": 1, "empty_completion": 1, "duplicate": 2, "too_long": 1}
     assert [d["reason"] for d in result.dropped] == [
-        "duplicate", "empty_prompt", "empty_completion", "too_long", "duplicate"]
+        "duplicate",
+        "empty_prompt",
+        "empty_completion",
+        "too_long",
+        "duplicate",
+    ]
     with pytest.raises(ValueError, match="both max_tokens and length_fn"):
         curate(records, max_tokens=10)
 
@@ -270,8 +314,7 @@ def test_messy_file_counts_add_up(tmp_path: Path) -> None:
     path = tmp_path / "raw.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + body + b"\r\n\r\n")
     report = run_curation(path, tmp_path / "out", max_tokens=100, length_fn=words, val_fraction=0.5)
-    assert report.dropped == {"empty_prompt": 1, "empty_completion": 1, "duplicate": 3,
-                              "too_long": 1}
+    assert report.dropped == {"empty_prompt": 1, "empty_completion": 1, "duplicate": 3, "too_long": 1}
     assert (report.read, report.kept, report.rejected) == (9, 3, 0)
     assert report.train + report.val == 3
     train = read_jsonl(tmp_path / "out" / "train.jsonl")
@@ -298,21 +341,38 @@ def test_run_curation_skip_invalid_writes_rejects(tmp_path: Path) -> None:
     path = _file_with_bad_line(tmp_path, b'{"prompt": 5, "completion": "x"}', at=3)
     report = run_curation(path, tmp_path / "out", skip_invalid=True)
     rejects = read_jsonl(tmp_path / "out" / "rejects.jsonl")
-    assert rejects == [{"line": 3, "code": "wrong_type",
-                        "reason": "field 'prompt' must be a string, got int",
-                        "raw": '{"prompt": 5, "completion": "x"}'}]
+    assert rejects == [
+        {
+            "line": 3,
+            "code": "wrong_type",
+            "reason": "field 'prompt' must be a string, got int",
+            "raw": '{"prompt": 5, "completion": "x"}',
+        }
+    ]
     assert (report.read, report.kept, report.rejected) == (20, 19, 1)
     assert report.rejected_reasons == {"wrong_type": 1}
     assert "rejected (malformed)" in report.summary() and "19" in report.summary()
 
 
 _line = st.one_of(
-    st.tuples(st.sampled_from(["", " ", "a", "a ", "b\u200b", "Cafe\u0301", "Café", "x\n\ny"]),
-              st.sampled_from(["", "c", "c ", "long " * 20, "d\r\n"])).map(
-        lambda t: json.dumps(pc(*t)).encode()),
-    st.sampled_from([b"{broken", b'{"prompt": 1, "completion": "c"}', b'{"prompt": "p"}',
-                     b'{"prompt": "\xff", "completion": "c"}', b"[]", b"", b"  ",
-                     b'{"prompt": "a\\ud800", "completion": "c"}', b"\x1c", "\u3000".encode()]),
+    st.tuples(
+        st.sampled_from(["", " ", "a", "a ", "b\u200b", "Cafe\u0301", "Café", "x\n\ny"]),
+        st.sampled_from(["", "c", "c ", "long " * 20, "d\r\n"]),
+    ).map(lambda t: json.dumps(pc(*t)).encode()),
+    st.sampled_from(
+        [
+            b"{broken",
+            b'{"prompt": 1, "completion": "c"}',
+            b'{"prompt": "p"}',
+            b'{"prompt": "\xff", "completion": "c"}',
+            b"[]",
+            b"",
+            b"  ",
+            b'{"prompt": "a\\ud800", "completion": "c"}',
+            b"\x1c",
+            "\u3000".encode(),
+        ]
+    ),
 )
 
 
@@ -322,8 +382,15 @@ def test_invariant_on_random_messy_files(lines: list[bytes], seed: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "raw.jsonl"
         path.write_bytes(b"\r\n".join(lines))
-        report = run_curation(path, Path(tmp) / "out", skip_invalid=True, seed=seed,
-                              max_tokens=15, length_fn=words, val_fraction=0.3)
+        report = run_curation(
+            path,
+            Path(tmp) / "out",
+            skip_invalid=True,
+            seed=seed,
+            max_tokens=15,
+            length_fn=words,
+            val_fraction=0.3,
+        )
         n_data = sum(1 for line in lines if line.strip(b" \t\r\n"))  # JSON's blanks only
         assert report.read == n_data == report.kept + sum(report.dropped.values()) + report.rejected
         assert report.rejected == len(read_jsonl(Path(tmp) / "out" / "rejects.jsonl"))
@@ -332,11 +399,22 @@ def test_invariant_on_random_messy_files(lines: list[bytes], seed: int) -> None:
 
 def test_report_rejects_inconsistent_counts() -> None:
     with pytest.raises(AssertionError, match="lost rows"):
-        CurationReport(source="x", read=3, kept=1, train=1, val=0, dropped={"duplicate": 1},
-                       rejected=0, rejected_reasons={}, seed=0, val_fraction=0.1)
+        CurationReport(
+            source="x",
+            read=3,
+            kept=1,
+            train=1,
+            val=0,
+            dropped={"duplicate": 1},
+            rejected=0,
+            rejected_reasons={},
+            seed=0,
+            val_fraction=0.1,
+        )
 
 
 # ------------------------------------------------------------------------------------- splitting
+
 
 def test_split_1000_is_exactly_900_100_and_seeded() -> None:
     records = product_descriptions(1000, seed=0)
@@ -368,6 +446,7 @@ def test_split_sizes_round_and_edges() -> None:
 
 
 # ------------------------------------------------------------------------------------ file helpers
+
 
 def test_jsonl_and_hf_round_trip(tmp_path: Path) -> None:
     records = [pc("Café\nmenu", "ünïcode ✓"), pc("b", "c")]

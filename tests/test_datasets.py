@@ -41,6 +41,7 @@ def _field(prompt: str, name: str) -> str:
 
 # -------------------------------------------------------------------------------------- products
 
+
 def test_products_unique_seeded_and_clean(products: list[dict]) -> None:
     assert len(products) == 1000 and len({r["prompt"] for r in products}) == 1000
     assert product_descriptions(1000, seed=0) == products
@@ -56,7 +57,13 @@ def test_products_prompt_format_and_variety(products: list[dict]) -> None:
     first = products[0]["prompt"].split("\n")
     assert first[0] == "Write a product description."
     assert [line.split(":")[0] for line in first[1:]] == [
-        "Category", "Material", "Colour", "Features", "Tone", "Length"]
+        "Category",
+        "Material",
+        "Colour",
+        "Features",
+        "Tone",
+        "Length",
+    ]
     categories = Counter(_field(r["prompt"], "Category") for r in products)
     tones = Counter(_field(r["prompt"], "Tone") for r in products)
     assert len(categories) >= 15 and len(tones) >= 4
@@ -78,14 +85,17 @@ def test_description_follows_from_attributes() -> None:
     short = sample_description(attrs | {"length": "short"}, random.Random(0))
     long = sample_description(attrs | {"length": "long"}, random.Random(0))
     assert _sentences(long) == _sentences(short) + 2
-    by_tone = {t: sample_description(attrs | {"tone": t}, random.Random(0))
-               for t in ("friendly", "professional", "playful", "luxurious")}
+    by_tone = {
+        t: sample_description(attrs | {"tone": t}, random.Random(0))
+        for t in ("friendly", "professional", "playful", "luxurious")
+    }
     assert len({t.split()[0] for t in by_tone.values()}) == 4  # each tone opens differently
     one, other = ({**attrs, "features": [f], "tone": "professional"} for f in attrs["features"][:2])
     rng_one, rng_other = random.Random(0), random.Random(0)
     assert sample_description(one, rng_one) != sample_description(other, rng_other)
     assert _sentences(sample_description(attrs | {"features": attrs["features"][:1]}, rng)) == (
-        _sentences(sample_description(attrs, rng)) - 2)
+        _sentences(sample_description(attrs, rng)) - 2
+    )
     assert "Features: " + ", ".join(attrs["features"]) in render_product_prompt(attrs)
 
 
@@ -104,6 +114,7 @@ def test_product_csv_round_trip(tmp_path: Path, products: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------------- noisy file
 
+
 def _whitespace_tokens(record: dict) -> int:
     return len((record["prompt"] + " " + record["completion"]).split())
 
@@ -114,8 +125,9 @@ def test_noisy_file_curates_to_the_originals(tmp_path: Path, products: list[dict
     assert "\r\n" in text and "\u200b" in text and 1100 <= text.count("\n") <= 1200
     path = tmp_path / "raw.jsonl"
     write_noisy_product_descriptions(path, seed=0)
-    report = run_curation(path, tmp_path / "out", skip_invalid=True, max_tokens=200,
-                          length_fn=_whitespace_tokens)
+    report = run_curation(
+        path, tmp_path / "out", skip_invalid=True, max_tokens=200, length_fn=_whitespace_tokens
+    )
     assert report.rejected == 1 and report.rejected_reasons == {"invalid_json": 1}
     assert report.dropped == {
         "empty_prompt": NOISE_COUNTS["empty_prompt"],
@@ -128,7 +140,8 @@ def test_noisy_file_curates_to_the_originals(tmp_path: Path, products: list[dict
     kept = read_records(tmp_path / "out" / "train.jsonl").records
     kept += read_records(tmp_path / "out" / "val.jsonl").records
     assert sorted((r["prompt"], r["completion"]) for r in kept) == sorted(
-        (r["prompt"], r["completion"]) for r in products)
+        (r["prompt"], r["completion"]) for r in products
+    )
 
 
 def test_noisy_file_without_skip_invalid_names_the_line(tmp_path: Path) -> None:
@@ -141,6 +154,7 @@ def test_noisy_file_without_skip_invalid_names_the_line(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------- health and cases
 
+
 def test_health_qa_safe_unique_and_seeded() -> None:
     records = health_qa(200, seed=0)
     assert len({r["prompt"] for r in records}) == 200
@@ -149,8 +163,20 @@ def test_health_qa_safe_unique_and_seeded() -> None:
         assert r["completion"].endswith("This is general information, not medical advice.")
         assert not re.search(r"\d|\bmg\b|\bml\b|dose|dosage|tablet", r["completion"], re.I)
         topic = r["prompt"]  # the answer names the topic asked about
-        assert any(t in topic and t in r["completion"] for t in ("cold", "burn", "allerg",
-                   "ankle", "dehydration", "sleeping", "heartburn", "headache", "fever"))
+        assert any(
+            t in topic and t in r["completion"]
+            for t in (
+                "cold",
+                "burn",
+                "allerg",
+                "ankle",
+                "dehydration",
+                "sleeping",
+                "heartburn",
+                "headache",
+                "fever",
+            )
+        )
     child = [r for r in records if "Asking about: a child" in r["prompt"]]
     assert child and all("For a child" in r["completion"] for r in child)
     with pytest.raises(ValueError, match="distinct questions"):
@@ -182,12 +208,22 @@ def test_registry_and_notice() -> None:
 def test_asking_for_more_records_than_exist_fails_at_once() -> None:
     from lumorik_sft.course.synthetic.products import _CATEGORIES, _COLOURS, LENGTHS, TONES
 
-    every_prompt = {render_product_prompt({
-        "category": cat, "material": mat, "colour": col, "features": list(feats), "tone": tone,
-        "length": length})
+    every_prompt = {
+        render_product_prompt(
+            {
+                "category": cat,
+                "material": mat,
+                "colour": col,
+                "features": list(feats),
+                "tone": tone,
+                "length": length,
+            }
+        )
         for cat, (_, materials, features) in _CATEGORIES.items()
         for mat, col, tone, length in itertools.product(materials, _COLOURS, TONES, LENGTHS)
-        for k in (1, 2, 3) for feats in itertools.combinations(sorted(features), k)}
+        for k in (1, 2, 3)
+        for feats in itertools.combinations(sorted(features), k)
+    }
     assert distinct_products() == len(every_prompt)
     with pytest.raises(ValueError, match=f"product_descriptions has {len(every_prompt):,} distinct"):
         product_descriptions(len(every_prompt) + 1)

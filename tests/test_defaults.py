@@ -34,7 +34,10 @@ def test_the_demo_asks_the_same_rule_as_training(tmp_path):
     small = torch.nn.Linear(10, 10)
     assert demo.DemoSettings().learning_rate is None  # like TrainConfig: None = the model's rate
     assert demo.DemoSettings().learning_rate_for(str(tmp_path), small) == 3e-4
-    assert demo.DemoSettings().learning_rate_for("nowhere", small) == defaults.recommended_learning_rate(
-        "nowhere", small) == 1e-3
+    assert (
+        demo.DemoSettings().learning_rate_for("nowhere", small)
+        == defaults.recommended_learning_rate("nowhere", small)
+        == 1e-3
+    )
     assert demo.DemoSettings(learning_rate=2e-5).learning_rate_for(str(tmp_path), small) == 2e-5
     assert demo.DemoSettings.for_mode(True, learning_rate=None).learning_rate is None

@@ -23,7 +23,8 @@ from lumorik_sft import cli
 from lumorik_sft.distributed import DataParallel, StopSignals, launched_world_size, setup_data_parallel
 from lumorik_sft.models import build_model
 from lumorik_sft.packing import shard_micro_batch
-from lumorik_sft.training import TrainConfig, plan_steps
+from lumorik_sft.schedule import plan_steps
+from lumorik_sft.training import TrainConfig
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -35,8 +36,14 @@ def _write_jsonl(path: Path, n: int, offset: int = 0) -> None:
     words = TEXT.split()
     with path.open("w") as f:
         for i in range(offset, offset + n):
-            f.write(json.dumps({"prompt": " ".join(words[: 2 + i % 4]),
-                                "completion": " ".join((words * 3)[i % 5: i % 5 + 1 + 3 * (i % 4)])}))
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": " ".join(words[: 2 + i % 4]),
+                        "completion": " ".join((words * 3)[i % 5 : i % 5 + 1 + 3 * (i % 4)]),
+                    }
+                )
+            )
             f.write("\n")
 
 
@@ -57,10 +64,30 @@ def workdir(tmp_path_factory, toy_tokenizer):
 def _args(root: Path, out: str, batch_size: int, device: str | None = "cpu") -> list[str]:
     # precision fp32: 'auto' is bf16 on CPUs with native bf16, and one process and two only
     # agree to 1e-4 in fp32 (the in-process run below resolves 'auto' to fp32, see conftest).
-    return ["train", "--model", str(root / "model"), "--train", str(root / "train.jsonl"),
-            "--val", str(root / "val.jsonl"), "--out", str(root / out), "--lr", "3e-3",
-            "--batch-size", str(batch_size), "--grad-accum", "2", "--epochs", "2",
-            "--precision", "fp32", "--seed", "0", *(["--device", device] if device else [])]
+    return [
+        "train",
+        "--model",
+        str(root / "model"),
+        "--train",
+        str(root / "train.jsonl"),
+        "--val",
+        str(root / "val.jsonl"),
+        "--out",
+        str(root / out),
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        str(batch_size),
+        "--grad-accum",
+        "2",
+        "--epochs",
+        "2",
+        "--precision",
+        "fp32",
+        "--seed",
+        "0",
+        *(["--device", device] if device else []),
+    ]
 
 
 def _history(root: Path, out: str) -> dict:
@@ -69,8 +96,14 @@ def _history(root: Path, out: str) -> dict:
 
 def _launch_env() -> dict[str, str]:
     """A machine without a GPU (CUDA hidden), offline, quiet, one thread per process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
-           "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+        "PYTHONWARNINGS": "ignore",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     env.pop("WORLD_SIZE", None)
     return env
 
@@ -108,8 +141,9 @@ def _assert_same_training(root: Path, one: str, two: str) -> float:
 
 
 def test_plan_and_shards_match_one_process():
-    assert plan_steps(N_TRAIN, TrainConfig(batch_size=4, grad_accum_steps=2), world_size=2) == \
-        plan_steps(N_TRAIN, TrainConfig(batch_size=8, grad_accum_steps=2))
+    assert plan_steps(N_TRAIN, TrainConfig(batch_size=4, grad_accum_steps=2), world_size=2) == plan_steps(
+        N_TRAIN, TrainConfig(batch_size=8, grad_accum_steps=2)
+    )
     batch = [7, 3, 9, 1, 4]
     shards = [shard_micro_batch(batch, r, 2) for r in range(2)]
     assert shards == [[7, 9, 4], [3, 1]]
@@ -134,10 +168,26 @@ def _run_launcher(cmd: list[str]) -> None:
 @pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate is not installed")
 def test_accelerate_launch_without_device_matches_one_process(workdir, one_process):
     # The README's accelerate command as the issue quotes it, no --device: batch 4 x 2 processes.
-    _run_launcher([str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", "29531", "-m", "lumorik_sft.cli",
-                   *_args(workdir, "accelerate", 4, device=None)])
+    _run_launcher(
+        [
+            str(ACCELERATE),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29531",
+            "-m",
+            "lumorik_sft.cli",
+            *_args(workdir, "accelerate", 4, device=None),
+        ]
+    )
     _assert_same_training(workdir, "one", "accelerate")
     shutil.rmtree(workdir / "accelerate")
 
@@ -146,18 +196,31 @@ def test_accelerate_launch_without_device_matches_one_process(workdir, one_proce
 def test_torchrun_without_device_forms_one_group(workdir, one_process):
     # Before the fix, 'auto' on a machine without a GPU gave each process a world of one: two
     # independent trainings at batch 4 writing the same folder, far from the batch-8 weights.
-    _run_launcher([str(TORCHRUN), "--nproc_per_node", "2", "--master_port", "29537",
-                   "-m", "lumorik_sft.cli", *_args(workdir, "torchrun", 4, device=None)])
+    _run_launcher(
+        [
+            str(TORCHRUN),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29537",
+            "-m",
+            "lumorik_sft.cli",
+            *_args(workdir, "torchrun", 4, device=None),
+        ]
+    )
     worst = _assert_same_training(workdir, "one", "torchrun")
     print(f"largest weight difference, 2 processes vs 1: {worst:.2e}")
     shutil.rmtree(workdir / "torchrun")
 
 
-@pytest.mark.parametrize(("device", "message"), [
-    ("mps", "cannot share Apple's MPS device"),
-    ("cuda:1", "puts all 2 launched processes on one GPU"),
-    ("cuda", "this machine has no CUDA GPU"),
-])
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("mps", "cannot share Apple's MPS device"),
+        ("cuda:1", "puts all 2 launched processes on one GPU"),
+        ("cuda", "this machine has no CUDA GPU"),
+    ],
+)
 def test_launched_job_refuses_a_device_that_cannot_form_one_group(monkeypatch, device, message):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -207,8 +270,15 @@ def _run_script(script: str, *args: object, processes: int = 1, port: int = 2953
     if processes > 1:
         if not TORCHRUN.exists():
             pytest.skip("torchrun is not installed")
-        cmd = [str(TORCHRUN), "--nproc_per_node", str(processes), "--master_port", str(port),
-               "--no-python", *cmd]
+        cmd = [
+            str(TORCHRUN),
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(port),
+            "--no-python",
+            *cmd,
+        ]
     _run_launcher(cmd)
 
 
@@ -248,8 +318,9 @@ json.dump({"losses": res.losses, "interrupted": res.interrupted, "step": res.glo
 
 def test_signal_to_one_process_stops_all_and_resumes_exactly(workdir, tmp_path):
     def launch(out: str, mode: str) -> list[dict]:
-        _run_script(RESUME_WORKER, workdir, tmp_path / out, mode, tmp_path / f"{mode}.json",
-                    processes=2, port=29535)
+        _run_script(
+            RESUME_WORKER, workdir, tmp_path / out, mode, tmp_path / f"{mode}.json", processes=2, port=29535
+        )
         return [json.loads((tmp_path / f"{mode}.json.{r}").read_text()) for r in (0, 1)]
 
     full = launch("full", "full")

@@ -54,8 +54,7 @@ def test_golden_row_masks_prompt_and_appends_eos():
 
 
 def test_golden_batch_right_padded_with_masked_pad():
-    rows = [encode_example(STUB, p, c, separator="", max_length=16)
-            for p, c in [("ab", "cd"), ("a", "c")]]
+    rows = [encode_example(STUB, p, c, separator="", max_length=16) for p, c in [("ab", "cd"), ("a", "c")]]
     batch = SFTCollator(pad_token_id=1)(rows)
     assert batch["input_ids"].tolist() == [[2, 3, 4, 5, 0], [2, 4, 0, 1, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
@@ -82,16 +81,19 @@ def test_truncation_cuts_completion_only_when_prompt_is_at_its_floor():
 
 
 def test_report_tells_prompt_cuts_from_completion_cuts():
-    records = [{"prompt": "ab", "completion": "c"},  # 2 + 1 + EOS = 4 tokens: fits
-               {"prompt": "abcdef", "completion": "g"},  # prompt cut to 2, completion whole
-               {"prompt": "abcdef", "completion": "ghijkl"}]  # completion cut: EOS lost
+    records = [
+        {"prompt": "ab", "completion": "c"},  # 2 + 1 + EOS = 4 tokens: fits
+        {"prompt": "abcdef", "completion": "g"},  # prompt cut to 2, completion whole
+        {"prompt": "abcdef", "completion": "ghijkl"},
+    ]  # completion cut: EOS lost
     examples, report = encode_records(records, STUB, max_length=4, separator="")
     assert (report.encoded, report.truncated, report.completion_cut) == (3, 2, 1)
     assert [ex["input_ids"][-1] == STUB.eos_token_id for ex in examples] == [True, True, False]
     assert report.to_dict()["completion_cut"] == 1
     assert report.summary() == (
         "encoded 3 of 3 examples (5 prompt tokens, masked; 7 completion tokens, supervised); "
-        "2 truncated, 1 of them into the completion (EOS lost); dropped: none")
+        "2 truncated, 1 of them into the completion (EOS lost); dropped: none"
+    )
 
 
 def test_example_left_without_completion_is_dropped_and_counted():
@@ -111,7 +113,9 @@ def test_bos_is_kept_when_the_prompt_is_cut():
 
 @settings(max_examples=200, deadline=None)
 @given(
-    p=st.integers(0, 30), c=st.integers(1, 30), max_length=st.integers(2, 40),
+    p=st.integers(0, 30),
+    c=st.integers(1, 30),
+    max_length=st.integers(2, 40),
     head=st.integers(0, 1),
 )
 def test_truncation_invariants(p, c, max_length, head):
@@ -120,7 +124,7 @@ def test_truncation_invariants(p, c, max_length, head):
     new_p, new_c = truncate_pair(prompt, completion, max_length, keep_head=head)
     assert len(new_p) + len(new_c) <= max(max_length, len(prompt[: head + 1]))
     assert new_c == completion[: len(new_c)]  # completion keeps its beginning
-    assert new_p[head:] == prompt[len(prompt) - len(new_p) + head:] if len(new_p) > head else True
+    assert new_p[head:] == prompt[len(prompt) - len(new_p) + head :] if len(new_p) > head else True
     if len(prompt) + len(completion) <= max_length:
         assert (new_p, new_c) == (prompt, completion)
     elif len(new_c) < len(completion):  # completion cut => prompt already at its floor
@@ -185,11 +189,12 @@ def test_masked_labels_loss_ignores_prompt_tokens(toy_tokenizer):
     ex = encode_example(toy_tokenizer, "Question: What is a fever?", "A fever is high.")
     batch = SFTCollator(toy_tokenizer.pad_token_id)([ex])
     masked = model(**batch).loss
-    everything = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       labels=batch["input_ids"]).loss
+    everything = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["input_ids"]
+    ).loss
     assert not torch.isclose(masked, everything)
     n_prompt = sum(label == IGNORE_INDEX for label in ex["labels"])
-    logits = model(input_ids=batch["input_ids"]).logits[0, n_prompt - 1:-1]
+    logits = model(input_ids=batch["input_ids"]).logits[0, n_prompt - 1 : -1]
     manual = torch.nn.functional.cross_entropy(logits, batch["input_ids"][0, n_prompt:])
     assert torch.allclose(masked, manual, atol=1e-6)
 
@@ -210,8 +215,14 @@ def trl_labels(tokenizer, pairs, tmp_path):
 
     model = build_model("gpt2", tokenizer, n_layer=1, width=32, n_head=2, context=256)
     ds = Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs])
-    config = trl.SFTConfig(output_dir=str(tmp_path), completion_only_loss=True, max_length=256,
-                           report_to=[], packing=False, use_cpu=True)
+    config = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        completion_only_loss=True,
+        max_length=256,
+        report_to=[],
+        packing=False,
+        use_cpu=True,
+    )
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=tokenizer)
     return [(row["input_ids"], row["labels"]) for row in trainer.train_dataset]
 

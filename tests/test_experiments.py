@@ -25,8 +25,7 @@ def records():
 
 @pytest.fixture(scope="module")
 def factory(records):
-    tok = train_bpe_tokenizer([r["prompt"] + "\n" + r["completion"] for r in records],
-                              vocab_size=300)
+    tok = train_bpe_tokenizer([r["prompt"] + "\n" + r["completion"] for r in records], vocab_size=300)
     base = build_model("gpt2", tok, n_layer=1, width=32, n_head=2, context=MAX_LEN, seed=0)
     return E.BaseModelFactory(base, tok, "random-init toy")
 
@@ -48,8 +47,7 @@ def test_factory_gives_independent_fresh_copies(factory):
 
 def test_run_sft_summary_is_plain_data(factory, examples):
     train_ex, val_ex = examples
-    run = E.run_sft(factory, factory.tokenizer, train_ex, val_ex, learning_rate=3e-3,
-                    batch_size=4, epochs=2)
+    run = E.run_sft(factory, factory.tokenizer, train_ex, val_ex, learning_rate=3e-3, batch_size=4, epochs=2)
     assert run["steps"] == len(run["step_losses"]) == 8  # 16 examples / 4 x 2 epochs
     assert [e["epoch"] for e in run["epochs_log"]] == [0, 1, 2]
     assert run["val_loss_after"] == run["epochs_log"][-1]["val_loss"]
@@ -79,31 +77,34 @@ def test_lr_sweep_starts_every_run_from_the_same_model(factory, examples):
 
 
 def test_epochs_curve_and_comparison(factory, examples):
-    rows = E.epochs_curve(factory, factory.tokenizer, *examples, 3, learning_rate=3e-3,
-                          batch_size=8)
+    rows = E.epochs_curve(factory, factory.tokenizer, *examples, 3, learning_rate=3e-3, batch_size=8)
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
     assert rows[0]["gap"] is None and rows[3]["gap"] == pytest.approx(
-        rows[3]["val_loss"] - rows[3]["train_loss"])
+        rows[3]["val_loss"] - rows[3]["train_loss"]
+    )
     runs = E.epochs_comparison(factory, factory.tokenizer, *examples, (1, 2), batch_size=8)
     assert [r["label"] for r in runs] == ["1 epoch", "2 epochs"]
     assert [r["steps"] for r in runs] == [2, 4]
 
 
 def test_batch_size_sweep_keeps_the_token_budget(factory, examples):
-    runs = E.batch_size_sweep_fixed_tokens(factory, factory.tokenizer, *examples, [2, 8],
-                                           learning_rate=1e-3, lr_scaling="sqrt", epochs=1)
+    runs = E.batch_size_sweep_fixed_tokens(
+        factory, factory.tokenizer, *examples, [2, 8], learning_rate=1e-3, lr_scaling="sqrt", epochs=1
+    )
     assert [r["steps"] for r in runs] == [8, 2]
     assert runs[0]["tokens"] == runs[1]["tokens"] > 0
     assert runs[1]["learning_rate"] == pytest.approx(2e-3)  # 1e-3 * sqrt(8 / 2)
     with pytest.raises(ValueError, match="lr_scaling"):
-        E.batch_size_sweep_fixed_tokens(factory, factory.tokenizer, *examples, [2],
-                                        learning_rate=1e-3, lr_scaling="cube")
+        E.batch_size_sweep_fixed_tokens(
+            factory, factory.tokenizer, *examples, [2], learning_rate=1e-3, lr_scaling="cube"
+        )
 
 
 def test_shuffle_completions_moves_completions_to_other_prompts(records):
     noisy = E.shuffle_completions(records, 0.5, seed=1)
-    changed = [i for i, (a, b) in enumerate(zip(records, noisy, strict=True))
-               if a["completion"] != b["completion"]]
+    changed = [
+        i for i, (a, b) in enumerate(zip(records, noisy, strict=True)) if a["completion"] != b["completion"]
+    ]
     assert len(changed) == 12 == sum(r.get("noisy") == "yes" for r in noisy)
     assert Counter(r["completion"] for r in noisy) == Counter(r["completion"] for r in records)
     assert [r["prompt"] for r in noisy] == [r["prompt"] for r in records]
@@ -114,14 +115,22 @@ def test_shuffle_completions_moves_completions_to_other_prompts(records):
 
 
 def test_noisy_vs_clean_variants(factory, records):
-    runs = E.noisy_vs_clean(factory, factory.tokenizer, records[:16], records[16:],
-                            variants=[(8, 0.0), (16, 0.5)], max_length=MAX_LEN,
-                            epochs=1, batch_size=8)
+    runs = E.noisy_vs_clean(
+        factory,
+        factory.tokenizer,
+        records[:16],
+        records[16:],
+        variants=[(8, 0.0), (16, 0.5)],
+        max_length=MAX_LEN,
+        epochs=1,
+        batch_size=8,
+    )
     assert [(r["n"], r["n_corrupted"], r["label"]) for r in runs] == [
-        (8, 0, "8 clean"), (16, 8, "16, 50% noisy")]
+        (8, 0, "8 clean"),
+        (16, 8, "16, 50% noisy"),
+    ]
     with pytest.raises(ValueError, match="more than"):
-        E.noisy_vs_clean(factory, factory.tokenizer, records[:4], records[16:],
-                         variants=[(8, 0.0)])
+        E.noisy_vs_clean(factory, factory.tokenizer, records[:4], records[16:], variants=[(8, 0.0)])
 
 
 def test_before_after_table_knows_which_direction_is_better():
@@ -138,8 +147,10 @@ def test_metric_pitfall_candidates_fool_bleu(factory):
     assert case == E.metric_pitfall_candidates(seed=7)  # deterministic
     cands = case["candidates"]
     assert cands["wrong facts"] != cands["reference"] and cands["reference"] == case["reference"]
-    rows = {r["name"]: r for r in E.score_candidates(factory(), factory.tokenizer, case["prompt"],
-                                                      case["reference"], cands)}
+    rows = {
+        r["name"]: r
+        for r in E.score_candidates(factory(), factory.tokenizer, case["prompt"], case["reference"], cands)
+    }
     assert rows["reference"]["bleu"] == pytest.approx(100.0)
     assert rows["wrong facts"]["bleu"] > 40 > rows["paraphrase"]["bleu"]
     assert rows["wrong facts"]["rougeL"] > rows["paraphrase"]["rougeL"]
@@ -167,8 +178,14 @@ def test_interactive_or_static_calls_fn_with_defaults(monkeypatch, capsys):
         calls.append((lr, bs, name, fixed))
         return f"{name}: lr={lr} bs={bs}"
 
-    out = W.interactive_or_static(fn, lr=W.log_slider(1e-3, -5, -1), bs=W.slider(8, 1, 64),
-                                  name=W.choice("a", ["a", "b"]), fixed=3, manual=True)
+    out = W.interactive_or_static(
+        fn,
+        lr=W.log_slider(1e-3, -5, -1),
+        bs=W.slider(8, 1, 64),
+        name=W.choice("a", ["a", "b"]),
+        fixed=3,
+        manual=True,
+    )
     assert out == "a: lr=0.001 bs=8" and calls == [(1e-3, 8, "a", 3)]
     assert "a: lr=0.001 bs=8" in capsys.readouterr().out
     with pytest.raises(ValueError, match="outside"):
@@ -182,8 +199,13 @@ def test_interactive_or_static_live_path_builds_controls(monkeypatch):
     monkeypatch.setenv(W.WIDGETS_ENV, "1")
     shown = []
     monkeypatch.setattr("IPython.display.display", lambda *objs, **kw: shown.extend(objs))
-    out = W.interactive_or_static(lambda t, n, s, on: (t, n, s, on), t=W.slider(0.7, 0.0, 2.0, 0.1),
-                                  n=W.slider(32, 1, 96), s=W.text("hi"), on=W.checkbox(True))
+    out = W.interactive_or_static(
+        lambda t, n, s, on: (t, n, s, on),
+        t=W.slider(0.7, 0.0, 2.0, 0.1),
+        n=W.slider(32, 1, 96),
+        s=W.text("hi"),
+        on=W.checkbox(True),
+    )
     assert out == (0.7, 32, "hi", True)
     box = next(o for o in shown if isinstance(o, ipywidgets.VBox))
     kinds = [type(c).__name__ for c in box.children]
@@ -196,8 +218,13 @@ def test_live_loss_plot_draws_the_final_curve_when_not_live(factory, examples):
     live = W.LiveLossPlot(every=2, live=False)
     with pytest.raises(RuntimeError, match="callback"):
         live.finish()
-    train(factory(), factory.tokenizer, *examples, E.quiet_config(learning_rate=1e-3, batch_size=8,
-                                                                  epochs=1), callback=live)
+    train(
+        factory(),
+        factory.tokenizer,
+        *examples,
+        E.quiet_config(learning_rate=1e-3, batch_size=8, epochs=1),
+        callback=live,
+    )
     fig = live.finish()
     assert isinstance(fig, Figure) and live.updates == 0
     assert len(live.result.steps) == 2
@@ -205,14 +232,26 @@ def test_live_loss_plot_draws_the_final_curve_when_not_live(factory, examples):
 
 def test_plots_draw_runs_and_curves():
     runs = [
-        {"label": "lr 1e-05", "step_losses": [5.0, 4.9], "diverged": False,
-         "val_loss_before": 5.0, "val_loss_after": 4.9},
-        {"label": "lr 1", "step_losses": [5.0, 50.0], "diverged": True,
-         "val_loss_before": 5.0, "val_loss_after": math.inf},
+        {
+            "label": "lr 1e-05",
+            "step_losses": [5.0, 4.9],
+            "diverged": False,
+            "val_loss_before": 5.0,
+            "val_loss_after": 4.9,
+        },
+        {
+            "label": "lr 1",
+            "step_losses": [5.0, 50.0],
+            "diverged": True,
+            "val_loss_before": 5.0,
+            "val_loss_after": math.inf,
+        },
     ]
     assert isinstance(E.plot_step_losses(runs), Figure)
     fig = E.plot_val_losses(runs)
     assert [t.get_text() for t in fig.axes[0].texts] == ["4.900", "diverged"]
-    rows = [{"epoch": 0, "train_loss": None, "val_loss": 5.0},
-            {"epoch": 1, "train_loss": 4.0, "val_loss": 4.5}]
+    rows = [
+        {"epoch": 0, "train_loss": None, "val_loss": 5.0},
+        {"epoch": 1, "train_loss": 4.0, "val_loss": 4.5},
+    ]
     assert "epoch 1" in E.plot_epochs_curve(rows).axes[0].get_legend().get_texts()[-1].get_text()

@@ -72,16 +72,20 @@ def test_fused_equals_the_reference_loss_and_every_gradient_fp64(name, layout, r
 def _packed(batch: dict[str, torch.Tensor], mask: str = "varlen") -> dict[str, torch.Tensor]:
     """The examples of a right-padded batch, packed: one padding-free row ('varlen', attention
     per example) or best-fit rows with a 4-D block-diagonal mask ('bool')."""
-    rows = [{k: v[b][batch["attention_mask"][b].bool()].tolist() for k, v in batch.items()}
-            for b in range(batch["input_ids"].shape[0])]
+    rows = [
+        {k: v[b][batch["attention_mask"][b].bool()].tolist() for k, v in batch.items()}
+        for b in range(batch["input_ids"].shape[0])
+    ]
     return PackedCollator(PAD_ID, mask=mask)(rows)
 
 
 @pytest.mark.parametrize("case", ["uneven", "unmasked-prompt-token", "no-supervised-token"])
 def test_fused_equals_the_reference_on_the_reference_cases(gpt2, llama, case) -> None:
-    batch = {"uneven": make_batch([3, 1, 6], [5, 9, 2], seq_len=12, seed=1),
-             "unmasked-prompt-token": make_batch([4], [3], seq_len=10, seed=3),
-             "no-supervised-token": make_batch([4], [0], seq_len=6, seed=20)}[case]
+    batch = {
+        "uneven": make_batch([3, 1, 6], [5, 9, 2], seq_len=12, seed=1),
+        "unmasked-prompt-token": make_batch([4], [3], seq_len=10, seed=3),
+        "no-supervised-token": make_batch([4], [0], seq_len=6, seed=20),
+    }[case]
     if case == "unmasked-prompt-token":
         batch["labels"][0, 3] = 17
     for model in (gpt2, llama):
@@ -104,8 +108,10 @@ def test_fused_is_float32_for_a_bf16_model_and_needs_labels(gpt2) -> None:
 
 
 def test_evaluate_loss_with_the_fused_loss_equals_the_reference(gpt2) -> None:
-    batches = [make_batch([3, 1, 6, 2], [5, 9, 2, 7], seq_len=12, seed=5),
-               make_batch([1, 2], [15, 14], seq_len=20, seed=11)]
+    batches = [
+        make_batch([3, 1, 6, 2], [5, 9, 2, 7], seq_len=12, seed=5),
+        make_batch([1, 2], [15, 14], seq_len=20, seed=11),
+    ]
     reference = M.evaluate_loss(gpt2, batches)
     fused = M.evaluate_loss(gpt2, batches, loss_fn=FL.completion_nll)
     assert fused.n_tokens == reference.n_tokens
@@ -205,7 +211,8 @@ def test_last_block_mlp_runs_whole_under_activation_checkpointing() -> None:
     batch = make_batch([20, 5, 30, 12], [6, 20, 4, 15], seq_len=40, seed=3)
     seen: list[int] = []
     FL._last_block(model).mlp.c_fc.register_forward_hook(
-        lambda m, args, out: seen.append(args[0].shape[:-1].numel()))
+        lambda m, args, out: seen.append(args[0].shape[:-1].numel())
+    )
     FL.completion_nll(model, batch)[0].backward()
     assert seen[-2:] == [160, 160]  # the forward and its recompute, both whole
 
@@ -240,8 +247,13 @@ def _loss_and_grads(fn, hidden, weight, bias, targets, scale=1.0):
 
 
 @settings(max_examples=25, deadline=None)
-@given(rows=st.integers(0, 200), vocab=st.sampled_from([7, 64, 300]), chunk=st.sampled_from([1, 5, 64, 1000]),
-       with_bias=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    rows=st.integers(0, 200),
+    vocab=st.sampled_from([7, 64, 300]),
+    chunk=st.sampled_from([1, 5, 64, 1000]),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_linear_cross_entropy_equals_unfused_head_and_loss_fp64(rows, vocab, chunk, with_bias, seed) -> None:
     """The fused, chunked head + loss gives the loss and all three gradients of
     ``cross_entropy(linear(h, W, b))`` in float64, for any row count and chunk size,
@@ -252,8 +264,14 @@ def test_linear_cross_entropy_equals_unfused_head_and_loss_fp64(rows, vocab, chu
     bias = torch.randn(vocab, generator=gen, dtype=torch.float64) if with_bias else None
     targets = torch.randint(0, vocab, (rows,), generator=gen)
     targets[torch.rand(rows, generator=gen) < 0.3] = -100
-    fused = _loss_and_grads(lambda h, w, b, t: FL.linear_cross_entropy(h, w, b, t, chunk=chunk),
-                            hidden, weight, bias, targets, scale=0.37)
+    fused = _loss_and_grads(
+        lambda h, w, b, t: FL.linear_cross_entropy(h, w, b, t, chunk=chunk),
+        hidden,
+        weight,
+        bias,
+        targets,
+        scale=0.37,
+    )
     ref = _loss_and_grads(_unfused_ce, hidden, weight, bias, targets, scale=0.37)
     assert fused[0].dtype == torch.float64
     for got, want in zip(fused, ref, strict=True):
@@ -272,8 +290,9 @@ def test_linear_cross_entropy_under_bf16_autocast_matches_autocast_head() -> Non
     targets = torch.randint(0, 500, (300,), generator=gen)
     targets[::5] = -100
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = _loss_and_grads(lambda h, w, b, t: FL.linear_cross_entropy(h, w, b, t, chunk=64),
-                                hidden, weight, None, targets)
+        fused = _loss_and_grads(
+            lambda h, w, b, t: FL.linear_cross_entropy(h, w, b, t, chunk=64), hidden, weight, None, targets
+        )
         ref = _loss_and_grads(_unfused_ce, hidden, weight, None, targets)
     assert fused[0].dtype == torch.float32
     assert fused[0].item() == pytest.approx(ref[0].item(), rel=1e-6)

@@ -15,8 +15,10 @@ PROMPTS = ["Question: What is a fever?", "Write a product description.\nCategory
 @pytest.fixture()
 def memorised(toy_tokenizer, arch):
     """A tiny model of each architecture that has memorised three short completions."""
-    records = [{"prompt": p, "completion": c} for p, c in zip(
-        PROMPTS, ["A fever is high.", "A navy backpack.", "def add"], strict=True)]
+    records = [
+        {"prompt": p, "completion": c}
+        for p, c in zip(PROMPTS, ["A fever is high.", "A navy backpack.", "def add"], strict=True)
+    ]
     model = build_model(arch, toy_tokenizer, n_layer=2, width=64, n_head=4, context=128, seed=1)
     examples, _ = encode_records(records, toy_tokenizer, max_length=64)
     batch = SFTCollator(toy_tokenizer.pad_token_id)(examples)

@@ -284,9 +284,7 @@ def test_child_environment_points_nowhere_near_the_repo(tmp_path):
 
 def test_checks_calls_and_magics_are_not_run():
     ns: dict = {}
-    code = child._compile_cell(
-        "%matplotlib inline\nx = 1\nchecks.check_q1(x)\nok = checks.check_q2(x)\n", 0
-    )
+    code = child._compile_cell("%matplotlib inline\nx = 1\nchecks.check_q1(x)\nok = checks.check_q2(x)\n", 0)
     exec(code, ns)
     assert ns["x"] == 1 and "ok" not in ns
     assert child._compile_cell("%%time\nx = 1", 1) is None
@@ -343,7 +341,10 @@ def test_grading_modules_are_under_600_lines(path):
 
 def test_python_m_grading_still_runs():
     done = subprocess.run(
-        [sys.executable, "-m", "lumorik_sft.course.grading", "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "lumorik_sft.course.grading", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0 and "SUBMISSIONS" in done.stdout.upper(), done.stderr
     assert all(getattr(grading, name) is not None for name in grading.__all__)

@@ -251,7 +251,8 @@ def test_metrics_is_the_plain_reference() -> None:
         if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             assert not any(isinstance(t, ast.Attribute) for t in targets), (
-                f"line {node.lineno} assigns an attribute (a module swapped in?)")
+                f"line {node.lineno} assigns an attribute (a module swapped in?)"
+            )
         if isinstance(node, ast.ClassDef):
             assert not any("Function" in ast.unparse(base) for base in node.bases)
     function = ast.parse(textwrap.dedent(inspect.getsource(M.completion_nll))).body[0]

@@ -66,8 +66,9 @@ def test_a_path_with_no_folder_is_named_as_a_path(name, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError) as exc:
         load_model_and_tokenizer(name, device="cpu")
-    assert str(exc.value) == (f"no model folder at {name} (give a local folder with config.json, "
-                              "or a Hugging Face model name)")
+    assert str(exc.value) == (
+        f"no model folder at {name} (give a local folder with config.json, or a Hugging Face model name)"
+    )
 
 
 def test_a_folder_without_config_json_says_so(tmp_path):
@@ -86,7 +87,8 @@ def test_an_owner_slash_name_is_left_to_hugging_face(tmp_path, monkeypatch):
 def test_a_home_relative_folder_opens(toy_tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     build_model("gpt2", toy_tokenizer, n_layer=1, width=32, n_head=2, context=64).save_pretrained(
-        tmp_path / "m")
+        tmp_path / "m"
+    )
     toy_tokenizer.save_pretrained(tmp_path / "m")
     model, _ = load_model_and_tokenizer("~/m", device="cpu")
     assert model.name_or_path == str(tmp_path / "m")

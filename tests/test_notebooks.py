@@ -62,8 +62,13 @@ def test_notebook_imports_the_package(path: Path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_has_a_figure(path: Path):
     nb = _read(path)
-    images = [out for c in nb.cells if c.cell_type == "code" for out in c.get("outputs", [])
-              if "image/png" in out.get("data", {})]
+    images = [
+        out
+        for c in nb.cells
+        if c.cell_type == "code"
+        for out in c.get("outputs", [])
+        if "image/png" in out.get("data", {})
+    ]
     assert images, f"{path.name}: no figure (image/png output); execute it in full mode"
 
 
@@ -81,9 +86,15 @@ def test_check_notebook_finds_each_problem(tmp_path: Path):
     ok = nbformat.v4.new_code_cell("1 + 1", execution_count=1)
     unexecuted = nbformat.v4.new_code_cell("print('never ran')")
     empty = nbformat.v4.new_code_cell("")  # an empty cell without a count is fine
-    failed = nbformat.v4.new_code_cell("1 / 0", execution_count=2, outputs=[
-        nbformat.v4.new_output("error", ename="ZeroDivisionError", evalue="division by zero",
-                               traceback=[])])
+    failed = nbformat.v4.new_code_cell(
+        "1 / 0",
+        execution_count=2,
+        outputs=[
+            nbformat.v4.new_output(
+                "error", ename="ZeroDivisionError", evalue="division by zero", traceback=[]
+            )
+        ],
+    )
     assert check_notebook(_write(tmp_path, [ok, empty])) == []
     problems = check_notebook(_write(tmp_path, [ok, unexecuted, failed]))
     assert len(problems) == 2
@@ -92,8 +103,11 @@ def test_check_notebook_finds_each_problem(tmp_path: Path):
 
 
 def test_check_notebook_limits_output_size(tmp_path: Path):
-    big = nbformat.v4.new_code_cell("print('x' * 3_000_000)", execution_count=1, outputs=[
-        nbformat.v4.new_output("stream", name="stdout", text="x" * 3_000_000)])
+    big = nbformat.v4.new_code_cell(
+        "print('x' * 3_000_000)",
+        execution_count=1,
+        outputs=[nbformat.v4.new_output("stream", name="stdout", text="x" * 3_000_000)],
+    )
     path = _write(tmp_path, [big])
     assert output_bytes(nbformat.read(path, as_version=4)) > 3_000_000
     problems = check_notebook(path)
@@ -123,8 +137,10 @@ def test_execute_notebook_sets_the_mode_and_writes_in_place(tmp_path: Path):
 
     from lumorik_sft.course.notebook_tools import add_arguments, execute_notebook, run_from_args
 
-    cell = nbformat.v4.new_code_cell("import os\nfrom lumorik_sft.defaults import fast_mode\n"
-                                     "print(os.environ['LUMORIK_FAST'], fast_mode())")
+    cell = nbformat.v4.new_code_cell(
+        "import os\nfrom lumorik_sft.defaults import fast_mode\n"
+        "print(os.environ['LUMORIK_FAST'], fast_mode())"
+    )
     path = _write(tmp_path, [cell])
     assert check_notebook(path)  # not executed yet
     execute_notebook(path, fast=True, timeout=120)
@@ -142,11 +158,20 @@ def test_coalesce_streams_merges_consecutive_prints_of_one_stream():
 
     out = nbformat.v4.new_output
     cell = nbformat.v4.new_code_cell("print(1); print(2)")
-    cell.outputs = [out("stream", name="stdout", text="a"), out("stream", name="stdout", text="\nb\n"),
-                    out("stream", name="stderr", text="warn\n"), out("stream", name="stdout", text="c\n"),
-                    out("display_data", data={"text/plain": "x"}), out("stream", name="stdout", text="d\n")]
+    cell.outputs = [
+        out("stream", name="stdout", text="a"),
+        out("stream", name="stdout", text="\nb\n"),
+        out("stream", name="stderr", text="warn\n"),
+        out("stream", name="stdout", text="c\n"),
+        out("display_data", data={"text/plain": "x"}),
+        out("stream", name="stdout", text="d\n"),
+    ]
     nb = nbformat.v4.new_notebook(cells=[cell, nbformat.v4.new_markdown_cell("text")])
     coalesce_streams(nb)
     assert [(o.output_type, o.get("name"), o.get("text")) for o in nb.cells[0].outputs] == [
-        ("stream", "stdout", "a\nb\n"), ("stream", "stderr", "warn\n"), ("stream", "stdout", "c\n"),
-        ("display_data", None, None), ("stream", "stdout", "d\n")]
+        ("stream", "stdout", "a\nb\n"),
+        ("stream", "stderr", "warn\n"),
+        ("stream", "stdout", "c\n"),
+        ("display_data", None, None),
+        ("stream", "stdout", "d\n"),
+    ]

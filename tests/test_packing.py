@@ -25,11 +25,14 @@ from lumorik_sft.packing import (
     make_collator,
     plan_micro_batches,
 )
-from lumorik_sft.training import TrainConfig, count_target_tokens, epoch_order, train
+from lumorik_sft.schedule import epoch_order
+from lumorik_sft.training import TrainConfig, count_target_tokens, train
 
 SIZE = {"n_layer": 2, "width": 32, "n_head": 2, "context": 128}
-TEXT = ("the court found for the tenant and ordered the deposit returned "
-        "with interest a sturdy navy canvas backpack with a padded laptop sleeve")
+TEXT = (
+    "the court found for the tenant and ordered the deposit returned "
+    "with interest a sturdy navy canvas backpack with a padded laptop sleeve"
+)
 WORDS = TEXT.split()
 
 
@@ -40,8 +43,8 @@ def _pairs(n: int) -> list[dict[str, str]]:
     """Mixed lengths: 1- to 24-word completions after 2- to 6-word prompts."""
     out = []
     for i in range(n):
-        p = (WORDS[i % 7:] + WORDS)[: 2 + i % 5]
-        c = (WORDS[i % 5:] + WORDS)[: [1, 24, 3, 17, 2, 9][i % 6]]
+        p = (WORDS[i % 7 :] + WORDS)[: 2 + i % 5]
+        c = (WORDS[i % 5 :] + WORDS)[: [1, 24, 3, 17, 2, 9][i % 6]]
         out.append({"prompt": " ".join(p), "completion": " ".join(c)})
     return out
 
@@ -109,8 +112,10 @@ def test_packed_collator_golden_rows():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 0, 1, 2, 0, 0]]
     assert batch["segment_ids"].tolist() == [[0] * 9, [0, 0, 0, 0, 1, 1, 1, -1, -1]]
     # Each example's first label is never predicted: -100 even where it was supervised.
-    assert batch["labels"].tolist() == [[-100, -100, 7, 8, 9, 7, 8, 9, 0],
-                                        [-100, -100, 7, 0, -100, 7, 0, -100, -100]]
+    assert batch["labels"].tolist() == [
+        [-100, -100, 7, 8, 9, 7, 8, 9, 0],
+        [-100, -100, 7, 0, -100, 7, 0, -100, -100],
+    ]
     mask = batch["attention_mask"]
     assert mask.shape == (2, 1, 9, 9) and mask.dtype == torch.bool
     assert mask[1, 0, 5].tolist() == [False] * 4 + [True, True] + [False] * 3  # own example
@@ -135,7 +140,8 @@ def test_float_mask_is_additive_and_mask_kind_follows_attention():
     Cfg._attn_implementation = "flash_attention_2"
     assert mask_kind_for(M()) == "none"
     assert "attention_mask" not in PackedCollator(1, mask="none")(
-        [{"input_ids": [3, 4], "labels": [-100, 4]}])
+        [{"input_ids": [3, 4], "labels": [-100, 4]}]
+    )
     assert isinstance(make_collator(1, "none"), SFTCollator)
     with pytest.raises(ValueError, match="packing must be one of"):
         make_collator(1, "greedy")
@@ -155,7 +161,7 @@ def test_packed_nll_equals_unpacked(toy_tokenizer, examples, arch, attn, mask):
     packed = PackedCollator(pad, mask=mask)
     with torch.no_grad():
         for i in range(0, len(examples), 8):
-            chunk = examples[i:i + 8]
+            chunk = examples[i : i + 8]
             ref, n_ref = completion_nll(model, padded(chunk))
             batch = packed(chunk)
             assert batch["input_ids"].numel() < padded(chunk)["input_ids"].numel()
@@ -168,8 +174,7 @@ def test_packed_nll_equals_unpacked(toy_tokenizer, examples, arch, attn, mask):
 
 
 def test_varlen_row_golden_offsets():
-    features = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
-                {"input_ids": [8, 9], "labels": [-100, 9]}]
+    features = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]
     batch = PackedCollator(1, mask="varlen")(features)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
@@ -206,8 +211,16 @@ def test_evaluation_slices_block_masked_rows_and_keeps_a_padding_free_row_whole(
 
 
 def _config(**overrides) -> TrainConfig:
-    base = {"learning_rate": 3e-3, "batch_size": 4, "grad_accum_steps": 2, "epochs": 2,
-            "warmup_steps": 1, "progress": False, "log_every": 0, "eval_batch_size": 8}
+    base = {
+        "learning_rate": 3e-3,
+        "batch_size": 4,
+        "grad_accum_steps": 2,
+        "epochs": 2,
+        "warmup_steps": 1,
+        "progress": False,
+        "log_every": 0,
+        "eval_batch_size": 8,
+    }
     return TrainConfig(**{**base, **overrides})
 
 
@@ -222,9 +235,7 @@ def test_train_packed_matches_padded_loss_curve(toy_tokenizer, examples):
 
 
 @pytest.mark.parametrize("packing", ["bfd", "length"])
-def test_packed_training_is_deterministic_and_resumes_exactly(
-    toy_tokenizer, examples, tmp_path, packing
-):
+def test_packed_training_is_deterministic_and_resumes_exactly(toy_tokenizer, examples, tmp_path, packing):
     train_ex, val_ex = examples[:16], examples[16:]
     full_model = _model(toy_tokenizer, dropout=0.1)  # dropout on: resume restores the RNG too
     model_b = _model(toy_tokenizer, dropout=0.1)
@@ -244,15 +255,26 @@ def test_packed_training_is_deterministic_and_resumes_exactly(
     for (k, a), b in zip(fresh.state_dict().items(), full_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
     with pytest.raises(ValueError, match="packing"):
-        train(_model(toy_tokenizer), toy_tokenizer, train_ex, val_ex,
-              _config(packing="none", epochs=2, output_dir=str(tmp_path)), resume=True)
+        train(
+            _model(toy_tokenizer),
+            toy_tokenizer,
+            train_ex,
+            val_ex,
+            _config(packing="none", epochs=2, output_dir=str(tmp_path)),
+            resume=True,
+        )
 
 
 def test_packed_step_without_supervised_tokens_is_skipped(toy_tokenizer, examples):
     blank = [{**ex, "labels": [IGNORE_INDEX] * len(ex["labels"])} for ex in examples[:4]]
     with pytest.warns(UserWarning, match="no supervised token"):
-        result = train(_model(toy_tokenizer), toy_tokenizer, blank + examples[4:8], None,
-                       _config(packing="bfd", epochs=1, grad_accum_steps=1, shuffle=False))
+        result = train(
+            _model(toy_tokenizer),
+            toy_tokenizer,
+            blank + examples[4:8],
+            None,
+            _config(packing="bfd", epochs=1, grad_accum_steps=1, shuffle=False),
+        )
     assert result.skipped_steps == 1 and result.global_step == 1
     assert all(math.isfinite(loss) for loss in result.losses)
 
@@ -290,6 +312,7 @@ def test_pad_to_multiple_of_rounds_training_batches(toy_tokenizer, examples):
     rounded = PackedCollator(toy_tokenizer.pad_token_id, mask="bool", pad_to_multiple_of=32)(chunk)
     with torch.no_grad():
         assert float(completion_nll(model, rounded)[0]) == pytest.approx(
-            float(completion_nll(model, padded)[0]), abs=1e-4)
+            float(completion_nll(model, padded)[0]), abs=1e-4
+        )
     with pytest.raises(ValueError, match="pad_to_multiple_of"):
         TrainConfig(pad_to_multiple_of=0)

@@ -13,9 +13,8 @@ from lumorik_sft.basemodel.corpus import (
     CorpusSource,
     assemble_corpus,
     check_license,
-    first_sentence,
-    python_doc_qa,
 )
+from lumorik_sft.basemodel.doc_qa import first_sentence, python_doc_qa
 from lumorik_sft.basemodel.pretrain import (
     MODEL_FILES,
     PretrainConfig,
@@ -24,9 +23,11 @@ from lumorik_sft.basemodel.pretrain import (
     weights_checksum,
 )
 
-TINY_SOURCES = (CorpusSource("python-stdlib", "stdlib"), CorpusSource("pydoc_data.topics",
-                                                                      "topics"),
-                CorpusSource("tqdm"))
+TINY_SOURCES = (
+    CorpusSource("python-stdlib", "stdlib"),
+    CorpusSource("pydoc_data.topics", "topics"),
+    CorpusSource("tqdm"),
+)
 
 
 def _squash(text: str) -> str:
@@ -51,8 +52,12 @@ def test_corpus_is_deterministic_licensed_and_holds_out_validation(tiny_corpus):
 
 
 def test_corpus_keeps_each_docstring_once(tiny_corpus):
-    blocks = [b for text in tiny_corpus.train_texts + tiny_corpus.val_texts
-              for b in text.split("\n\n") if len(b) > 200]
+    blocks = [
+        b
+        for text in tiny_corpus.train_texts + tiny_corpus.val_texts
+        for b in text.split("\n\n")
+        if len(b) > 200
+    ]
     assert len(blocks) == len(set(blocks))
 
 
@@ -62,13 +67,18 @@ def test_license_check_refuses_copyleft():
         check_license("somepkg", "GPL-3.0-only")
 
 
-@pytest.mark.parametrize("doc, expected", [
-    ("Remove any common leading whitespace from every line in `text`.\n\nMore.",
-     "Remove any common leading whitespace from every line in `text`."),
-    ("Return the\nnumber of items. Then more.", "Return the number of items."),
-    ("dedent(text) -> str", ""),          # a signature, not a sentence
-    ("Too short.", ""),
-])
+@pytest.mark.parametrize(
+    "doc, expected",
+    [
+        (
+            "Remove any common leading whitespace from every line in `text`.\n\nMore.",
+            "Remove any common leading whitespace from every line in `text`.",
+        ),
+        ("Return the\nnumber of items. Then more.", "Return the number of items."),
+        ("dedent(text) -> str", ""),  # a signature, not a sentence
+        ("Too short.", ""),
+    ],
+)
 def test_first_sentence(doc, expected):
     assert first_sentence(doc) == expected
 
@@ -93,18 +103,27 @@ def test_pack_blocks_joins_documents_with_eos_and_supervises_every_token(toy_tok
     blocks = pack_blocks(texts, toy_tokenizer, context=8)
     stream = []
     for t in texts:
-        stream += toy_tokenizer(t, add_special_tokens=False)["input_ids"] + [
-            toy_tokenizer.eos_token_id]
-    assert [b["input_ids"] for b in blocks] == [stream[i:i + 8]
-                                                for i in range(0, len(stream) - 7, 8)]
+        stream += toy_tokenizer(t, add_special_tokens=False)["input_ids"] + [toy_tokenizer.eos_token_id]
+    assert [b["input_ids"] for b in blocks] == [stream[i : i + 8] for i in range(0, len(stream) - 7, 8)]
     assert all(b["labels"] == b["input_ids"] and b["attention_mask"] == [1] * 8 for b in blocks)
 
 
 def _micro_config(out) -> PretrainConfig:
     return PretrainConfig(
-        sources=("python-stdlib",), max_corpus_chars=40_000, val_fraction=0.1, vocab_size=300,
-        n_layer=1, width=32, n_head=2, context=64, batch_size=4, max_steps=10, warmup_steps=2,
-        threads=1, output_dir=str(out), progress=False,
+        sources=("python-stdlib",),
+        max_corpus_chars=40_000,
+        val_fraction=0.1,
+        vocab_size=300,
+        n_layer=1,
+        width=32,
+        n_head=2,
+        context=64,
+        batch_size=4,
+        max_steps=10,
+        warmup_steps=2,
+        threads=1,
+        output_dir=str(out),
+        progress=False,
     )
 
 
@@ -120,8 +139,13 @@ def test_micro_pretrain_saves_an_hf_folder_and_reproduces_its_weights(tmp_path, 
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id
     readme = (out / "README.md").read_text()
-    for needle in ("PSF-2.0", card["corpus"]["sha256"], card["weights_sha256"],
-                   "Validation perplexity", "Intended use"):
+    for needle in (
+        "PSF-2.0",
+        card["corpus"]["sha256"],
+        card["weights_sha256"],
+        "Validation perplexity",
+        "Intended use",
+    ):
         assert needle in readme
     saved = json.loads((out / "card.json").read_text())
     assert saved["training"]["steps"] == 10 and saved["training"]["tokens_seen"] == 10 * 4 * 64
@@ -146,10 +170,27 @@ def test_cli_arguments_round_trip():
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--out", "x", "--max-steps", "7", "--sources", "tqdm", "numpy",
-                              "--no-progress", "--learning-rate", "3e-4"])
-    assert (args.output_dir, args.max_steps, args.sources, args.progress,
-            args.learning_rate) == ("x", 7, ["tqdm", "numpy"], False, 3e-4)
+    args = parser.parse_args(
+        [
+            "--out",
+            "x",
+            "--max-steps",
+            "7",
+            "--sources",
+            "tqdm",
+            "numpy",
+            "--no-progress",
+            "--learning-rate",
+            "3e-4",
+        ]
+    )
+    assert (args.output_dir, args.max_steps, args.sources, args.progress, args.learning_rate) == (
+        "x",
+        7,
+        ["tqdm", "numpy"],
+        False,
+        3e-4,
+    )
     assert os.path.basename(parser.parse_args([]).output_dir) == "base-model"
 
 
@@ -159,21 +200,60 @@ def _fake_model_folder(folder):
     (folder / "model.safetensors").write_bytes(b"not really weights")
     (folder / "tokenizer.json").write_text("{}")
     card = {
-        "model": {"architecture": "GPT2LMHeadModel", "n_layer": 1, "width": 32, "n_head": 2,
-                  "context": 64, "vocab_size": 300, "parameters": 30_000, "eos_token_id": 0,
-                  "pad_token_id": 1, "weights_bytes": 18},
-        "corpus": {"chars": 40_000, "val_documents": 2, "val_chars": 4_000, "sha256": "c0ffee",
-                   "python": "3.11", "sources": [{"name": "python-stdlib", "version": "3.11",
-                                                  "license": "PSF-2.0", "documents": 9,
-                                                  "chars": 40_000}],
-                   "train_tokens": 6_400, "val_tokens": 640, "train_blocks": 100,
-                   "val_blocks": 10},
-        "training": {"precision": "fp32", "device": "cpu", "threads": 1, "steps": 10,
-                     "tokens_per_step": 256, "tokens_seen": 2_560, "epochs_over_corpus": 0.4,
-                     "train_seconds": 6.0, "tokens_per_second": 500.0, "cpu": "test CPU",
-                     "total_seconds": 9.0, "torch": "x", "transformers": "y", "tokenizers": "z"},
-        "results": {"val_perplexity": 250.0, "val_loss": 5.5, "initial_val_perplexity": 300.0,
-                    "final_train_loss": 5.4},
+        "model": {
+            "architecture": "GPT2LMHeadModel",
+            "n_layer": 1,
+            "width": 32,
+            "n_head": 2,
+            "context": 64,
+            "vocab_size": 300,
+            "parameters": 30_000,
+            "eos_token_id": 0,
+            "pad_token_id": 1,
+            "weights_bytes": 18,
+        },
+        "corpus": {
+            "chars": 40_000,
+            "val_documents": 2,
+            "val_chars": 4_000,
+            "sha256": "c0ffee",
+            "python": "3.11",
+            "sources": [
+                {
+                    "name": "python-stdlib",
+                    "version": "3.11",
+                    "license": "PSF-2.0",
+                    "documents": 9,
+                    "chars": 40_000,
+                }
+            ],
+            "train_tokens": 6_400,
+            "val_tokens": 640,
+            "train_blocks": 100,
+            "val_blocks": 10,
+        },
+        "training": {
+            "precision": "fp32",
+            "device": "cpu",
+            "threads": 1,
+            "steps": 10,
+            "tokens_per_step": 256,
+            "tokens_seen": 2_560,
+            "epochs_over_corpus": 0.4,
+            "train_seconds": 6.0,
+            "tokens_per_second": 500.0,
+            "cpu": "test CPU",
+            "total_seconds": 9.0,
+            "torch": "x",
+            "transformers": "y",
+            "tokenizers": "z",
+        },
+        "results": {
+            "val_perplexity": 250.0,
+            "val_loss": 5.5,
+            "initial_val_perplexity": 300.0,
+            "final_train_loss": 5.4,
+        },
         "config": {"learning_rate": 1e-3, "seed": 0},
         "weights_sha256": weights_checksum(folder),
         "files": {"README.md": 1, "model.safetensors": 18},
@@ -191,14 +271,27 @@ def test_update_model_card_merges_figures_and_rewrites_the_readme(tmp_path):
     weights = (folder / "model.safetensors").read_bytes()
     figures = {
         "recommended_sft_learning_rate": 3e-3,
-        "sft_lr_sweep": {"task": "toy", "rows": [
-            {"learning_rate": 5e-5, "completion_perplexity": 11.7},
-            {"learning_rate": 3e-3, "completion_perplexity": 1.4}]},
-        "benchmark": {"command": "python bench.py", "date": "today",
-                      "targets": [{"figure": "BLEU gain", "value": 31.5,
-                                   "target": ">= +20", "pass": True},
-                                  {"figure": "second run", "value": "not re-run",
-                                   "target": "identical", "pass": None, "note": ""}]},
+        "sft_lr_sweep": {
+            "task": "toy",
+            "rows": [
+                {"learning_rate": 5e-5, "completion_perplexity": 11.7},
+                {"learning_rate": 3e-3, "completion_perplexity": 1.4},
+            ],
+        },
+        "benchmark": {
+            "command": "python bench.py",
+            "date": "today",
+            "targets": [
+                {"figure": "BLEU gain", "value": 31.5, "target": ">= +20", "pass": True},
+                {
+                    "figure": "second run",
+                    "value": "not re-run",
+                    "target": "identical",
+                    "pass": None,
+                    "note": "",
+                },
+            ],
+        },
         "training": {"total_seconds": 10.0},  # nested dicts merge key by key
     }
     merged = update_model_card(folder / "card.json", figures)
@@ -208,14 +301,25 @@ def test_update_model_card_merges_figures_and_rewrites_the_readme(tmp_path):
     assert saved["model"] == card["model"] and saved["weights_sha256"] == card["weights_sha256"]
     assert recommended_learning_rate(str(folder)) == 3e-3
     readme = (folder / "README.md").read_text()
-    for needle in ("## Measured figures", "**0.003**", "| 5e-05 | 11.7 |", "| BLEU gain | 31.5 |",
-                   "| PASS |", "| not re-run | identical | n/a |", "Validation perplexity",
-                   card["weights_sha256"]):
+    for needle in (
+        "## Measured figures",
+        "**0.003**",
+        "| 5e-05 | 11.7 |",
+        "| BLEU gain | 31.5 |",
+        "| PASS |",
+        "| not re-run | identical | n/a |",
+        "Validation perplexity",
+        card["weights_sha256"],
+    ):
         assert needle in readme, needle
     assert saved["files"]["README.md"] == len(readme.encode())
     assert (folder / "model.safetensors").read_bytes() == weights
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "card.json",
-                                                        "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "card.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     # a second update keeps what the first one recorded
     update_model_card(folder, {"benchmark": {"total_seconds": 5}})
     again = json.loads((folder / "card.json").read_text())

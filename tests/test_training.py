@@ -24,14 +24,13 @@ from lumorik_sft.course.plots import plot_loss_curves
 from lumorik_sft.encoding import IGNORE_INDEX, SFTCollator, encode_records
 from lumorik_sft.metrics import completion_nll
 from lumorik_sft.models import build_model
+from lumorik_sft.schedule import build_optimizer, epoch_order
 from lumorik_sft.training import (
     CHECKPOINT_NAME,
     TrainConfig,
     accumulate_gradients,
-    build_optimizer,
     chapter_loop,
     count_target_tokens,
-    epoch_order,
     load_checkpoint,
     train,
     train_step,
@@ -87,9 +86,17 @@ def _model(tokenizer, seed: int = 0, arch: str = "gpt2", dropout: bool = True):
 
 
 def _config(**overrides) -> TrainConfig:
-    base = {"learning_rate": 3e-3, "batch_size": 2, "grad_accum_steps": 2, "epochs": 3,
-            "warmup_steps": 2, "weight_decay": 0.01, "progress": False, "log_every": 0,
-            "eval_batch_size": 8}
+    base = {
+        "learning_rate": 3e-3,
+        "batch_size": 2,
+        "grad_accum_steps": 2,
+        "epochs": 3,
+        "warmup_steps": 2,
+        "weight_decay": 0.01,
+        "progress": False,
+        "log_every": 0,
+        "eval_batch_size": 8,
+    }
     return TrainConfig(**{**base, **overrides})
 
 
@@ -110,15 +117,20 @@ def _assert_same_weights(a, b, atol: float = 0.0) -> None:
 def test_accumulation_equals_one_big_batch(toy_tokenizer, train_ex):
     model = _model(toy_tokenizer, dropout=False)
     # A little training first, so per-token losses differ between short and long completions.
-    train(model, toy_tokenizer, train_ex[4:8], config=_config(
-        learning_rate=3e-2, batch_size=2, grad_accum_steps=1, epochs=3, warmup_steps=0))
+    train(
+        model,
+        toy_tokenizer,
+        train_ex[4:8],
+        config=_config(learning_rate=3e-2, batch_size=2, grad_accum_steps=1, epochs=3, warmup_steps=0),
+    )
     model.eval()  # no dropout: both sides see the same function
     collate = SFTCollator(toy_tokenizer.pad_token_id)
     rows = train_ex[:8]
     big = collate(rows)
-    micros = [collate(rows[i:i + 2]) for i in range(0, 8, 2)]
+    micros = [collate(rows[i : i + 2]) for i in range(0, 8, 2)]
     assert sorted(count_target_tokens(m) for m in micros)[0] * 5 < max(
-        count_target_tokens(m) for m in micros), "micro-batches must differ in token count"
+        count_target_tokens(m) for m in micros
+    ), "micro-batches must differ in token count"
 
     model.zero_grad()
     one = accumulate_gradients(model, [big])
@@ -150,11 +162,13 @@ def test_step_loss_is_sum_nll_over_tokens(toy_tokenizer, train_ex):
     with torch.no_grad():
         for rows in (train_ex[0:2], train_ex[2:4]):  # the first step: 2 micro-batches of 2
             batch = collate(rows)
-            logits = before(input_ids=batch["input_ids"],
-                            attention_mask=batch["attention_mask"]).logits
+            logits = before(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
-            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
-                                         labels.reshape(-1), reduction="sum"))
+            nll += float(
+                F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="sum"
+                )
+            )
             n += int((labels != IGNORE_INDEX).sum())
     assert step["tokens"] == n
     assert step["loss"] == pytest.approx(nll / n, abs=1e-6)
@@ -164,7 +178,7 @@ def test_step_loss_is_sum_nll_over_tokens(toy_tokenizer, train_ex):
 def test_train_step_is_backward_clip_step_schedule_zero_grad(toy_tokenizer, train_ex):
     """One `train_step` == the chapter's step done right, written out by hand."""
     collate = SFTCollator(toy_tokenizer.pad_token_id)
-    micros = [collate(train_ex[i:i + 2]) for i in range(0, 6, 2)]
+    micros = [collate(train_ex[i : i + 2]) for i in range(0, 6, 2)]
     config = _config(max_grad_norm=0.05, fused_loss=False)  # a small norm: clipping must act
     models = [_model(toy_tokenizer, dropout=False) for _ in range(2)]
     optimizers = [build_optimizer(m, config) for m in models]
@@ -194,8 +208,16 @@ def test_train_step_is_backward_clip_step_schedule_zero_grad(toy_tokenizer, trai
 
 def test_fused_loss_trains_the_same_run_as_the_reference(toy_tokenizer, train_ex, val_ex):
     # No dropout: the fused path runs the last MLP on fewer rows, so it draws other masks.
-    runs = [train(_model(toy_tokenizer, dropout=False), toy_tokenizer, train_ex, val_ex,
-                  _config(epochs=1, fused_loss=fused)) for fused in (True, False)]
+    runs = [
+        train(
+            _model(toy_tokenizer, dropout=False),
+            toy_tokenizer,
+            train_ex,
+            val_ex,
+            _config(epochs=1, fused_loss=fused),
+        )
+        for fused in (True, False)
+    ]
     assert runs[0].losses == pytest.approx(runs[1].losses, abs=1e-5)
     assert runs[0].final_val_loss == pytest.approx(runs[1].final_val_loss, abs=1e-5)
 
@@ -232,8 +254,16 @@ def test_fused_activations_keep_the_run_and_restore_the_modules(toy_tokenizer, t
         def spy(event, model=model, seen=seen):
             seen.extend(type(m) for m in model.modules() if "GELU" in type(m).__name__)
 
-        results.append(train(model, toy_tokenizer, train_ex, val_ex,
-                             _config(epochs=1, fused_activations=fused), callback=spy))
+        results.append(
+            train(
+                model,
+                toy_tokenizer,
+                train_ex,
+                val_ex,
+                _config(epochs=1, fused_activations=fused),
+                callback=spy,
+            )
+        )
         assert set(seen) == {GELUTanh if fused else NewGELUActivation}
         assert {type(m) for m in model.modules() if "GELU" in type(m).__name__} == {NewGELUActivation}
     assert results[0].losses == pytest.approx(results[1].losses, abs=1e-5)
@@ -262,13 +292,17 @@ def _kill_at(step: int, sig: int):
     def callback(event: dict) -> None:
         if event["event"] == "step" and event["step"] == step:
             os.kill(os.getpid(), sig)
+
     return callback
 
 
-@pytest.mark.parametrize(("sig", "at_step"), [
-    (signal.SIGINT, 6),  # mid-epoch 2 (4 optimizer steps per epoch)
-    (signal.SIGTERM, 4),  # the last step of epoch 1, before its evaluation
-])
+@pytest.mark.parametrize(
+    ("sig", "at_step"),
+    [
+        (signal.SIGINT, 6),  # mid-epoch 2 (4 optimizer steps per epoch)
+        (signal.SIGTERM, 4),  # the last step of epoch 1, before its evaluation
+    ],
+)
 def test_resume_after_signal_matches_uninterrupted_run(
     toy_tokenizer, train_ex, val_ex, uninterrupted, tmp_path, capsys, sig, at_step
 ):
@@ -276,8 +310,9 @@ def test_resume_after_signal_matches_uninterrupted_run(
     assert len(full.steps) == 12 and not full.interrupted
     config = _config(output_dir=str(tmp_path))
 
-    first = train(_model(toy_tokenizer), toy_tokenizer, train_ex, val_ex, config,
-                  callback=_kill_at(at_step, sig))
+    first = train(
+        _model(toy_tokenizer), toy_tokenizer, train_ex, val_ex, config, callback=_kill_at(at_step, sig)
+    )
     assert first.interrupted
     assert len(first.steps) == at_step
     assert (tmp_path / CHECKPOINT_NAME).exists()
@@ -302,31 +337,43 @@ def test_resume_after_signal_matches_uninterrupted_run(
 
 
 def test_interrupt_without_output_dir_stops_cleanly(toy_tokenizer, train_ex, capsys):
-    result = train(_model(toy_tokenizer), toy_tokenizer, train_ex, config=_config(),
-                   callback=_kill_at(2, signal.SIGINT))
+    result = train(
+        _model(toy_tokenizer), toy_tokenizer, train_ex, config=_config(), callback=_kill_at(2, signal.SIGINT)
+    )
     assert result.interrupted and result.global_step == 2 and result.checkpoint_path is None
     assert "no checkpoint" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"learning_rate": 1e-3}, "learning_rate: 0.003 -> 0.001"),
-    ({"fused_activations": False}, "fused_activations: True -> False"),
-    ({"fused_loss": False}, "fused_loss: True -> False"),
-    ({"precision": "bf16"}, "trained in fp32 and would go on in bf16"),  # 'auto' was fp32 here
-])
-def test_resume_refuses_changed_settings(toy_tokenizer, train_ex, val_ex, uninterrupted, change,
-                                         message):
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"learning_rate": 1e-3}, "learning_rate: 0.003 -> 0.001"),
+        ({"fused_activations": False}, "fused_activations: True -> False"),
+        ({"fused_loss": False}, "fused_loss: True -> False"),
+        ({"precision": "bf16"}, "trained in fp32 and would go on in bf16"),  # 'auto' was fp32 here
+    ],
+)
+def test_resume_refuses_changed_settings(toy_tokenizer, train_ex, val_ex, uninterrupted, change, message):
     _, _, out = uninterrupted
     with warnings.catch_warnings(), pytest.raises(ValueError, match=re.escape(message)):
         warnings.simplefilter("ignore")  # bf16 on a CPU without native bf16 warns first
-        train(_model(toy_tokenizer), toy_tokenizer, train_ex, val_ex,
-              _config(output_dir=str(out), **change), resume=True)
+        train(
+            _model(toy_tokenizer),
+            toy_tokenizer,
+            train_ex,
+            val_ex,
+            _config(output_dir=str(out), **change),
+            resume=True,
+        )
 
 
 def test_examples_longer_than_the_context_fail_before_training(toy_tokenizer, train_ex):
     long = {k: v * 40 for k, v in train_ex[0].items()}  # far past the toy model's context
-    with pytest.raises(ValueError, match=r"longest validation example has \d+ tokens but the "
-                                         r"model's context is \d+; encode with max_length="):
+    with pytest.raises(
+        ValueError,
+        match=r"longest validation example has \d+ tokens but the "
+        r"model's context is \d+; encode with max_length=",
+    ):
         train(_model(toy_tokenizer), toy_tokenizer, train_ex, [long], _config())
 
 
@@ -335,8 +382,13 @@ def test_resume_refuses_another_checkpoint_format(toy_tokenizer, train_ex, unint
     ckpt = load_checkpoint(out)
     torch.save({**ckpt, "format": 99}, tmp_path / CHECKPOINT_NAME)
     with pytest.raises(ValueError, match="checkpoint format 99, this version of lumorik_sft reads"):
-        train(_model(toy_tokenizer), toy_tokenizer, train_ex, config=_config(),
-              resume=tmp_path / CHECKPOINT_NAME)
+        train(
+            _model(toy_tokenizer),
+            toy_tokenizer,
+            train_ex,
+            config=_config(),
+            resume=tmp_path / CHECKPOINT_NAME,
+        )
 
 
 def test_signal_handlers_installed_only_while_training(toy_tokenizer, train_ex):
@@ -347,8 +399,14 @@ def test_signal_handlers_installed_only_while_training(toy_tokenizer, train_ex):
         during.update({s: signal.getsignal(s) for s in before})
         events.append((event["event"], event["epoch"]))
 
-    train(_model(toy_tokenizer), toy_tokenizer, train_ex, train_ex[:2],
-          config=_config(max_steps=1), callback=callback)
+    train(
+        _model(toy_tokenizer),
+        toy_tokenizer,
+        train_ex,
+        train_ex[:2],
+        config=_config(max_steps=1),
+        callback=callback,
+    )
     assert all(during[s] is not before[s] for s in before)
     assert events == [("epoch", 0), ("step", 1), ("epoch", 1)]
     assert {s: signal.getsignal(s) for s in before} == before
@@ -368,24 +426,35 @@ def test_checkpoint_written_atomically_with_history_and_final(toy_tokenizer, uni
 
 def test_linear_warmup_then_linear_decay(toy_tokenizer, train_ex):
     # 12 examples, batch 2, no accumulation, 1 epoch: 6 steps, 2 of them warmup.
-    result = train(_model(toy_tokenizer), toy_tokenizer, train_ex[:12],
-                   config=_config(learning_rate=1e-3, grad_accum_steps=1, epochs=1))
+    result = train(
+        _model(toy_tokenizer),
+        toy_tokenizer,
+        train_ex[:12],
+        config=_config(learning_rate=1e-3, grad_accum_steps=1, epochs=1),
+    )
     lrs = [s["lr"] for s in result.steps]
     expected = [0.0, 0.5e-3, 1e-3, 0.75e-3, 0.5e-3, 0.25e-3]
     assert lrs == pytest.approx(expected, abs=1e-12)
 
 
 def test_no_warmup_starts_at_peak_and_decays(toy_tokenizer, train_ex):
-    result = train(_model(toy_tokenizer), toy_tokenizer, train_ex[:8],
-                   config=_config(learning_rate=1e-3, warmup_steps=None, grad_accum_steps=1,
-                                  epochs=1))
+    result = train(
+        _model(toy_tokenizer),
+        toy_tokenizer,
+        train_ex[:8],
+        config=_config(learning_rate=1e-3, warmup_steps=None, grad_accum_steps=1, epochs=1),
+    )
     assert [s["lr"] for s in result.steps] == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
 
 
 def test_loss_goes_down_on_memorisation(toy_tokenizer, train_ex, arch):
     model = build_model(arch, toy_tokenizer, seed=0, **SIZE)
-    result = train(model, toy_tokenizer, train_ex, config=_config(
-        learning_rate=1e-2, batch_size=8, grad_accum_steps=1, epochs=15, warmup_steps=0))
+    result = train(
+        model,
+        toy_tokenizer,
+        train_ex,
+        config=_config(learning_rate=1e-2, batch_size=8, grad_accum_steps=1, epochs=15, warmup_steps=0),
+    )
     assert len(result.steps) == 30
     first, last = result.epochs[1]["train_loss"], result.epochs[-1]["train_loss"]
     assert last < 0.5 * first, (arch, first, last)
@@ -394,8 +463,9 @@ def test_loss_goes_down_on_memorisation(toy_tokenizer, train_ex, arch):
 def test_precision_auto_is_fp32_on_cpu_and_bf16_autocast_runs(toy_tokenizer, train_ex):
     auto = train(_model(toy_tokenizer), toy_tokenizer, train_ex, config=_config(max_steps=1))
     assert (auto.device, auto.precision) == ("cpu", "fp32")
-    bf16 = train(_model(toy_tokenizer), toy_tokenizer, train_ex, train_ex[:4],
-                 _config(max_steps=2, precision="bf16"))
+    bf16 = train(
+        _model(toy_tokenizer), toy_tokenizer, train_ex, train_ex[:4], _config(max_steps=2, precision="bf16")
+    )
     assert bf16.precision == "bf16"
     assert all(math.isfinite(s["loss"]) for s in bf16.steps)
     assert bf16.steps[0]["loss"] != pytest.approx(auto.steps[0]["loss"], abs=1e-7)
@@ -421,8 +491,7 @@ def test_bf16_on_a_cpu_that_only_emulates_it_warns(monkeypatch):
 def test_zero_token_micro_batch_gives_no_nan(toy_tokenizer, train_ex):
     model = _model(toy_tokenizer, dropout=False).eval()
     collate = SFTCollator(toy_tokenizer.pad_token_id)
-    empty = collate([{**ex, "labels": [IGNORE_INDEX] * len(ex["labels"])}
-                     for ex in train_ex[:2]])
+    empty = collate([{**ex, "labels": [IGNORE_INDEX] * len(ex["labels"])} for ex in train_ex[:2]])
     full = collate(train_ex[2:4])
     model.zero_grad()
     alone = accumulate_gradients(model, [full])
@@ -444,8 +513,12 @@ def test_step_without_supervised_tokens_is_skipped_with_warning(toy_tokenizer, t
     rows += train_ex[2:6]
     model = _model(toy_tokenizer)
     with pytest.warns(UserWarning, match="no supervised token"):
-        result = train(model, toy_tokenizer, rows, config=_config(
-            shuffle=False, grad_accum_steps=1, epochs=1, warmup_steps=0))
+        result = train(
+            model,
+            toy_tokenizer,
+            rows,
+            config=_config(shuffle=False, grad_accum_steps=1, epochs=1, warmup_steps=0),
+        )
     assert result.skipped_steps == 1 and len(result.steps) == 2
     assert all(math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"]) for s in result.steps)
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -462,17 +535,20 @@ def test_weight_decay_skips_biases_and_norms(tiny_model):
     assert id(tiny_model.transformer.ln_f.weight) not in decayed
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"learning_rate": 0}, "learning_rate must be a positive number.*5e-5"),
-    ({"batch_size": 0}, "batch_size must be an integer >= 1"),
-    ({"grad_accum_steps": 0}, "grad_accum_steps must be an integer >= 1"),
-    ({"warmup_ratio": 0.1, "warmup_steps": 3}, "set warmup_steps or warmup_ratio, not both"),
-    ({"warmup_ratio": 1.5}, r"warmup_ratio must be in \[0, 1\)"),
-    ({"max_grad_norm": -1.0}, "use None or 0 to disable clipping"),
-    ({"precision": "fp16"}, "precision must be one of auto, fp32, bf16"),
-    ({"device": "gpu"}, "is not a torch device; use 'auto'"),
-    ({"max_steps": 0}, "max_steps must be an integer >= 1 or None"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"learning_rate": 0}, "learning_rate must be a positive number.*5e-5"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"grad_accum_steps": 0}, "grad_accum_steps must be an integer >= 1"),
+        ({"warmup_ratio": 0.1, "warmup_steps": 3}, "set warmup_steps or warmup_ratio, not both"),
+        ({"warmup_ratio": 1.5}, r"warmup_ratio must be in \[0, 1\)"),
+        ({"max_grad_norm": -1.0}, "use None or 0 to disable clipping"),
+        ({"precision": "fp16"}, "precision must be one of auto, fp32, bf16"),
+        ({"device": "gpu"}, "is not a torch device; use 'auto'"),
+        ({"max_steps": 0}, "max_steps must be an integer >= 1 or None"),
+    ],
+)
 def test_config_validation_says_how_to_fix(overrides, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**overrides)
@@ -493,15 +569,19 @@ def test_config_defaults_and_help():
 def test_chapter_loop_runs_and_supervises_the_prompt(toy_tokenizer, train_ex):
     model = _model(toy_tokenizer, dropout=False)
     start = copy.deepcopy(model)
-    loader = DataLoader(train_ex[:8], batch_size=4, collate_fn=SFTCollator(
-        toy_tokenizer.pad_token_id))
+    loader = DataLoader(train_ex[:8], batch_size=4, collate_fn=SFTCollator(toy_tokenizer.pad_token_id))
     losses = chapter_loop(model, loader, epochs=2, lr=1e-3)
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
 
     batch = next(iter(loader))
     with torch.no_grad():
-        naive = float(start(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            labels=batch["input_ids"]).loss)
+        naive = float(
+            start(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["input_ids"],
+            ).loss
+        )
         nll, n = completion_nll(start, batch)
     assert losses[0] == pytest.approx(naive, abs=1e-5)  # labels = input_ids, prompt included
     assert abs(losses[0] - float(nll) / n) > 1e-3  # not the completion-only loss

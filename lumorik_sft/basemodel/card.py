@@ -38,10 +38,13 @@ def write_model_card(card: dict[str, Any], path: str | Path) -> None:
     helps = PretrainConfig.help()
     sources = "\n".join(
         f"| {s['name']} | {s['version']} | {s['license']} | {s['documents']:,} | {s['chars']:,} |"
-        for s in c["sources"])
+        for s in c["sources"]
+    )
     hyper = "\n".join(
-        f"| `{k}` | `{v}` | {helps.get(k, '')} |" for k, v in card["config"].items()
-        if k not in ("output_dir", "work_dir", "progress", "sources"))
+        f"| `{k}` | `{v}` | {helps.get(k, '')} |"
+        for k, v in card["config"].items()
+        if k not in ("output_dir", "work_dir", "progress", "sources")
+    )
     text = f"""---
 license: apache-2.0
 library_name: transformers
@@ -49,63 +52,63 @@ pipeline_tag: text-generation
 tags: [gpt2, lumorik-sft, tiny, cpu]
 ---
 
-# lumorik-sft base model: a {m['parameters'] / 1e6:.1f}M-parameter GPT-2 pretrained on documentation
+# lumorik-sft base model: a {m["parameters"] / 1e6:.1f}M-parameter GPT-2 pretrained on documentation
 
 A small causal language model made by `lumorik-sft pretrain` (module `lumorik_sft.basemodel.pretrain`) so
 that the course's SFT notebooks fine-tune a *pretrained* model offline, on a 2-core CPU, in
 minutes. It writes English in the style of Python documentation; it knows little else.
 
 ## Size
-GPT-2 architecture (`GPT2LMHeadModel`): {m['n_layer']} layers, width {m['width']},
-{m['n_head']} heads, context {m['context']} tokens, vocabulary {m['vocab_size']:,}
-(byte-level BPE, `<|endoftext|>` = EOS id {m['eos_token_id']}, `<|pad|>` = pad id
-{m['pad_token_id']}); {m['parameters']:,} parameters (input and output embeddings tied),
-`model.safetensors` {m['weights_bytes'] / 2**20:.1f} MiB (fp32).
+GPT-2 architecture (`GPT2LMHeadModel`): {m["n_layer"]} layers, width {m["width"]},
+{m["n_head"]} heads, context {m["context"]} tokens, vocabulary {m["vocab_size"]:,}
+(byte-level BPE, `<|endoftext|>` = EOS id {m["eos_token_id"]}, `<|pad|>` = pad id
+{m["pad_token_id"]}); {m["parameters"]:,} parameters (input and output embeddings tied),
+`model.safetensors` {m["weights_bytes"] / 2**20:.1f} MiB (fp32).
 
 ## Corpus
 Documentation already installed with Python and this course's dependencies, read offline by
 parsing source files (no imports): docstrings cleaned with `inspect.cleandoc`, each kept once.
-{c['chars']:,} characters in all; {c['val_documents']} whole modules ({c['val_chars']:,}
-characters) held out for validation. Corpus SHA-256: `{c['sha256']}` (Python {c['python']}).
+{c["chars"]:,} characters in all; {c["val_documents"]} whole modules ({c["val_chars"]:,}
+characters) held out for validation. Corpus SHA-256: `{c["sha256"]}` (Python {c["python"]}).
 
 | source | version | license | documents | characters |
 |---|---|---|---:|---:|
 {sources}
 
-Tokens: {c['train_tokens']:,} training ({c['train_blocks']:,} blocks of {m['context']}),
-{c['val_tokens']:,} validation ({c['val_blocks']:,} blocks). The licenses are read from each
+Tokens: {c["train_tokens"]:,} training ({c["train_blocks"]:,} blocks of {m["context"]}),
+{c["val_tokens"]:,} validation ({c["val_blocks"]:,} blocks). The licenses are read from each
 package's installed metadata and all are permissive (MPL-2.0, for tqdm, is file-level copyleft
 on its source code; the card lists it so you can leave the source out with `--sources`).
 
 ## Training
 Our own loop (`lumorik_sft.training.train`): AdamW, linear warmup and decay, gradient clipping,
-token-weighted loss, {t['precision']} on {t['device']} with {t['threads']} threads.
-{t['steps']:,} optimizer steps x {t['tokens_per_step']:,} tokens = **{t['tokens_seen']:,} tokens
-seen** ({t['epochs_over_corpus']:.2f} passes over the training tokens) in
-**{t['train_seconds'] / 60:.1f} minutes** of training and validation
-({t['tokens_per_second']:,.0f} tokens/s in optimizer steps, CPU: {t['cpu']});
-the whole recipe took {t['total_seconds'] / 60:.1f} minutes. torch {t['torch']}, transformers
-{t['transformers']}, tokenizers {t['tokenizers']}.
+token-weighted loss, {t["precision"]} on {t["device"]} with {t["threads"]} threads.
+{t["steps"]:,} optimizer steps x {t["tokens_per_step"]:,} tokens = **{t["tokens_seen"]:,} tokens
+seen** ({t["epochs_over_corpus"]:.2f} passes over the training tokens) in
+**{t["train_seconds"] / 60:.1f} minutes** of training and validation
+({t["tokens_per_second"]:,.0f} tokens/s in optimizer steps, CPU: {t["cpu"]});
+the whole recipe took {t["total_seconds"] / 60:.1f} minutes. torch {t["torch"]}, transformers
+{t["transformers"]}, tokenizers {t["tokenizers"]}.
 
 | setting | value | why |
 |---|---|---|
 {hyper}
 
 ## Results
-Validation perplexity on the held-out modules: **{format_number(r['val_perplexity'], '.2f')}**
-(loss {format_number(r['val_loss'], '.4f')}; {format_number(r['initial_val_perplexity'], '.1f')} before
-training). Final training loss {format_number(r['final_train_loss'], '.4f')}.
+Validation perplexity on the held-out modules: **{format_number(r["val_perplexity"], ".2f")}**
+(loss {format_number(r["val_loss"], ".4f")}; {format_number(r["initial_val_perplexity"], ".1f")} before
+training). Final training loss {format_number(r["final_train_loss"], ".4f")}.
 
 ## Intended use and limits
 For teaching: fine-tuning, evaluation and generation demos on a CPU. It is tiny and trained on
-about {c['chars'] / 1e6:.0f}M characters of docstrings, so it produces fluent-looking but often
+about {c["chars"] / 1e6:.0f}M characters of docstrings, so it produces fluent-looking but often
 wrong text, knows nothing outside Python-library documentation, and must not be used for
 anything that matters. It has seen code snippets and API names from the sources above; it has
-no safety tuning. Context is {m['context']} tokens: longer inputs must be truncated.
+no safety tuning. Context is {m["context"]} tokens: longer inputs must be truncated.
 
 ## Reproduce and verify
 `lumorik-sft pretrain` (same seed, machine type, thread count and library versions) gives the
-same weights. SHA-256 of `model.safetensors`: `{card['weights_sha256']}`.
+same weights. SHA-256 of `model.safetensors`: `{card["weights_sha256"]}`.
 Machine-readable numbers: `card.json`; corpus details: `corpus_manifest.json`.
 """
     Path(path).write_text(text, encoding="utf-8")
@@ -138,16 +141,20 @@ def _figures_markdown(card: dict[str, Any]) -> str:
         return ""
     parts = ["\n## Measured figures\n"]
     if bench.get("command"):
-        parts.append(f"Measured by `{bench['command']}` on {bench.get('date', 'n/a')}"
-                     f" ({bench.get('machine', {}).get('cpu', 'n/a')}, "
-                     f"{bench.get('machine', {}).get('threads', 'n/a')} threads).")
+        parts.append(
+            f"Measured by `{bench['command']}` on {bench.get('date', 'n/a')}"
+            f" ({bench.get('machine', {}).get('cpu', 'n/a')}, "
+            f"{bench.get('machine', {}).get('threads', 'n/a')} threads)."
+        )
         if bench.get("contention"):
             parts.append(f"Timings were taken under contention: {bench['contention']}.")
         parts.append("")
     if "recommended_sft_learning_rate" in card:
-        parts.append(f"Recommended SFT learning rate: **{card['recommended_sft_learning_rate']:g}**"
-                     " (`defaults.recommended_learning_rate` reads it from `card.json`); the "
-                     "chapter's 5e-5 remains an option, see the sweep.\n")
+        parts.append(
+            f"Recommended SFT learning rate: **{card['recommended_sft_learning_rate']:g}**"
+            " (`defaults.recommended_learning_rate` reads it from `card.json`); the "
+            "chapter's 5e-5 remains an option, see the sweep.\n"
+        )
     rows = sweep.get("rows", [])
     if rows:
         parts.append(f"Learning-rate sweep: {sweep.get('task', '')}\n")
@@ -160,12 +167,16 @@ def _figures_markdown(card: dict[str, Any]) -> str:
     if targets:
         parts.append("| figure | value | target | result | note |")
         parts.append("|---|---|---|---|---|")
-        parts += [f"| {t['figure']} | {_fmt_cell(t['value'])} | {t['target']} | "
-                  f"{'n/a' if t.get('pass') is None else 'PASS' if t['pass'] else 'FAIL'} | "
-                  f"{t.get('note', '')} |" for t in targets]
+        parts += [
+            f"| {t['figure']} | {_fmt_cell(t['value'])} | {t['target']} | "
+            f"{'n/a' if t.get('pass') is None else 'PASS' if t['pass'] else 'FAIL'} | "
+            f"{t.get('note', '')} |"
+            for t in targets
+        ]
         parts.append("")
-    parts.append("All figures: `card.json` (keys `recommended_sft_learning_rate`, `sft_lr_sweep`, "
-                 "`benchmark`).")
+    parts.append(
+        "All figures: `card.json` (keys `recommended_sft_learning_rate`, `sft_lr_sweep`, `benchmark`)."
+    )
     return "\n".join(parts) + "\n"
 
 
@@ -191,9 +202,11 @@ def update_model_card(path: str | Path, figures: dict[str, Any]) -> dict[str, An
         raise ValueError("figures may not change weights_sha256; rebuild the model instead")
     actual = weights_checksum(folder)
     if actual != card.get("weights_sha256"):
-        raise ValueError(f"{folder}/model.safetensors (sha256 {actual[:16]}...) does not match "
-                         f"its card ({str(card.get('weights_sha256'))[:16]}...); refusing to "
-                         "record figures measured on other weights")
+        raise ValueError(
+            f"{folder}/model.safetensors (sha256 {actual[:16]}...) does not match "
+            f"its card ({str(card.get('weights_sha256'))[:16]}...); refusing to "
+            "record figures measured on other weights"
+        )
     card = _merge(card, figures)
     readme = folder / "README.md"
     tmp_readme = folder / f".README.md.tmp-{os.getpid()}"

@@ -1,4 +1,4 @@
-"""An offline pretraining corpus, and a knowledge-bearing SFT task whose answers live in it.
+"""An offline pretraining corpus: documentation already on this machine, assembled the same way everywhere.
 
 The corpus is documentation already on this machine, under permissive licenses: the docstrings
 of Python's standard library and its `pydoc_data.topics` (PSF-2.0), and the docstrings of pinned
@@ -9,10 +9,11 @@ standard-library modules written in C (`math`, `itertools`, `builtins`) are read
 
 Run from Python::
 
-    from lumorik_sft.basemodel.corpus import assemble_corpus, python_doc_qa
+    from lumorik_sft.basemodel.corpus import assemble_corpus
     corpus = assemble_corpus()                  # ~13.5M characters
     print(corpus.sha256, corpus.sources)
-    train_pairs, val_pairs = python_doc_qa()     # held out by module
+
+The knowledge-bearing SFT task whose answers live in this corpus is `lumorik_sft.basemodel.doc_qa`.
 
 Everything is deterministic: files are read in a fixed order, each docstring is cleaned with
 `inspect.cleandoc` and kept once (first occurrence), validation text is held out by module with a
@@ -45,15 +46,27 @@ __all__ = [
     "assemble_corpus",
     "is_validation_module",
     "iter_documents",
-    "python_doc_qa",
 ]
 
 # SPDX identifiers we accept. MPL-2.0 is file-level copyleft (tqdm); quoting its docstrings as
 # training text is permitted, and the card lists it so that a user can drop the source.
-PERMISSIVE_LICENSES = frozenset({
-    "PSF-2.0", "MIT", "BSD-2-Clause", "BSD-3-Clause", "Apache-2.0", "MPL-2.0", "0BSD", "Zlib",
-    "CC0-1.0", "ISC", "BSL-1.0", "CNRI-Python", "LLVM-exception",
-})
+PERMISSIVE_LICENSES = frozenset(
+    {
+        "PSF-2.0",
+        "MIT",
+        "BSD-2-Clause",
+        "BSD-3-Clause",
+        "Apache-2.0",
+        "MPL-2.0",
+        "0BSD",
+        "Zlib",
+        "CC0-1.0",
+        "ISC",
+        "BSL-1.0",
+        "CNRI-Python",
+        "LLVM-exception",
+    }
+)
 _CLASSIFIER_SPDX = {
     "Apache Software License": "Apache-2.0",
     "MIT License": "MIT",
@@ -61,23 +74,55 @@ _CLASSIFIER_SPDX = {
     "Python Software Foundation License": "PSF-2.0",
     "Mozilla Public License 2.0 (MPL 2.0)": "MPL-2.0",
 }
-_LICENSE_TEXT_SPDX = {"apache 2.0": "Apache-2.0", "apache-2.0": "Apache-2.0", "mit": "MIT",
-                      "bsd": "BSD-3-Clause", "mpl-2.0": "MPL-2.0"}
+_LICENSE_TEXT_SPDX = {
+    "apache 2.0": "Apache-2.0",
+    "apache-2.0": "Apache-2.0",
+    "mit": "MIT",
+    "bsd": "BSD-3-Clause",
+    "mpl-2.0": "MPL-2.0",
+}
 
 # Folders never read: tests (huge, repetitive), GUI and demo code, vendored copies, bundled wheels.
-_SKIP_DIRS = frozenset({
-    "test", "tests", "testing", "idle_test", "idlelib", "tkinter", "turtledemo", "lib2to3",
-    "ensurepip", "site-packages", "dist-packages", "__pycache__", "_vendor", "vendored",
-    "pydoc_data", "lib-dynload", "__phello__", "config-3.11-x86_64-linux-gnu",
-})
+_SKIP_DIRS = frozenset(
+    {
+        "test",
+        "tests",
+        "testing",
+        "idle_test",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "lib2to3",
+        "ensurepip",
+        "site-packages",
+        "dist-packages",
+        "__pycache__",
+        "_vendor",
+        "vendored",
+        "pydoc_data",
+        "lib-dynload",
+        "__phello__",
+        "config-3.11-x86_64-linux-gnu",
+    }
+)
 # Modules whose *import* has side effects; we never import them, and skip them anyway.
 _SKIP_MODULES = frozenset({"antigravity", "this", "turtle", "__hello__", "_pydev_bundle"})
 # Standard-library modules written in C: their documentation exists only at run time.
 STDLIB_C_MODULES = (
-    "array", "binascii", "builtins", "cmath", "errno", "gc", "itertools", "marshal", "math",
-    "time", "unicodedata", "zlib",
+    "array",
+    "binascii",
+    "builtins",
+    "cmath",
+    "errno",
+    "gc",
+    "itertools",
+    "marshal",
+    "math",
+    "time",
+    "unicodedata",
+    "zlib",
 )
-_STDLIB = "python-stdlib"
+STDLIB_SOURCE = "python-stdlib"
 _TOPICS = "pydoc_data.topics"
 
 
@@ -100,7 +145,7 @@ class CorpusSource:
 # about 3.5 times in the default 20-minute recipe. Standard library and language reference come
 # first: they carry the facts the knowledge task asks about, and are never capped.
 DEFAULT_SOURCES: tuple[CorpusSource, ...] = (
-    CorpusSource(_STDLIB, "stdlib"),
+    CorpusSource(STDLIB_SOURCE, "stdlib"),
     CorpusSource(_TOPICS, "topics"),
     CorpusSource("numpy", max_chars=1_700_000),
     CorpusSource("tokenizers"),
@@ -176,14 +221,14 @@ def render_entries(entries: Iterable[Entry]) -> str:
     return "\n\n".join(blocks)
 
 
-def _stable_hash(text: str) -> int:
+def stable_hash(text: str) -> int:
     """A hash that, unlike `hash()`, is the same in every process and on every machine."""
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
 
 
 def is_validation_module(source: str, module: str, val_fraction: float) -> bool:
     """Whether a module is held out for validation: a stable hash, so every run agrees."""
-    return _stable_hash(f"val:{source}:{module}") < val_fraction * 2**64
+    return stable_hash(f"val:{source}:{module}") < val_fraction * 2**64
 
 
 def clean_doc(doc: str | None) -> str:
@@ -196,6 +241,7 @@ def clean_doc(doc: str | None) -> str:
 
 
 # ---------------------------------------------------------------- licenses
+
 
 def _is_spdx(expression: str) -> bool:
     terms = [t for t in re.split(r"\s+(?:AND|OR|WITH)\s+|[()]", expression) if t.strip()]
@@ -214,9 +260,11 @@ def _spdx(dist: str) -> tuple[str, str]:
     text = (meta.get("License") or "").strip()
     if text and _is_spdx(text):
         return text, "License"
-    found = [_CLASSIFIER_SPDX[c.rsplit(" :: ", 1)[1]] for c in meta.get_all("Classifier") or []
-             if c.startswith("License :: OSI Approved :: ")
-             and c.rsplit(" :: ", 1)[1] in _CLASSIFIER_SPDX]
+    found = [
+        _CLASSIFIER_SPDX[c.rsplit(" :: ", 1)[1]]
+        for c in meta.get_all("Classifier") or []
+        if c.startswith("License :: OSI Approved :: ") and c.rsplit(" :: ", 1)[1] in _CLASSIFIER_SPDX
+    ]
     if found:
         return " AND ".join(dict.fromkeys(found)), "Classifier"
     for key, spdx in _LICENSE_TEXT_SPDX.items():
@@ -247,11 +295,17 @@ def source_info(source: CorpusSource) -> dict[str, Any]:
         version = importlib.metadata.version(source.name)
         lic, origin = _spdx(source.name)
     check_license(source.name, lic)
-    return {"name": source.name, "kind": source.kind, "version": version, "license": lic,
-            "license_from": origin}
+    return {
+        "name": source.name,
+        "kind": source.kind,
+        "version": version,
+        "license": lic,
+        "license_from": origin,
+    }
 
 
 # ---------------------------------------------------------------- reading docstrings
+
 
 def _module_files(root: Path, prefix: str) -> list[tuple[str, Path]]:
     """(dotted module name, path) of every readable .py file under root, sorted by name."""
@@ -382,7 +436,10 @@ def _load(loader: tuple[str, str]) -> tuple[Entry, ...]:
 
 
 def iter_documents(
-    source: CorpusSource, *, max_chars: int | None = None, seen: set[str] | None = None,
+    source: CorpusSource,
+    *,
+    max_chars: int | None = None,
+    seen: set[str] | None = None,
     min_one: bool = True,
 ) -> Iterator[Document]:
     """Documents of one source, each docstring kept only once, within `max_chars`.
@@ -397,7 +454,7 @@ def iter_documents(
     cap = min(c for c in (source.max_chars, max_chars, 2**62) if c is not None)
     raw = _raw_documents(source)
     if cap < 2**62:
-        raw.sort(key=lambda item: _stable_hash(f"order:{source.name}:{item[0]}"))
+        raw.sort(key=lambda item: stable_hash(f"order:{source.name}:{item[0]}"))
     total = 0
     for module, loader in raw:
         kept, keys = [], set()
@@ -439,8 +496,9 @@ def assemble_corpus(
         if left is not None and left <= 0:
             break
         info = source_info(source)
-        src_docs = sorted(iter_documents(source, max_chars=left, seen=seen, min_one=not docs),
-                          key=lambda d: d.module)
+        src_docs = sorted(
+            iter_documents(source, max_chars=left, seen=seen, min_one=not docs), key=lambda d: d.module
+        )
         info["documents"] = len(src_docs)
         info["chars"] = sum(len(d.text) for d in src_docs)
         infos.append(info)
@@ -449,8 +507,7 @@ def assemble_corpus(
         raise ValueError("the corpus is empty; raise max_chars or add sources")
     val_mask = [is_validation_module(d.source, d.module, val_fraction) for d in docs]
     if not any(val_mask) or all(val_mask):
-        pick = min(range(len(docs)), key=lambda i: _stable_hash(f"val:{docs[i].source}:"
-                                                                f"{docs[i].module}"))
+        pick = min(range(len(docs)), key=lambda i: stable_hash(f"val:{docs[i].source}:{docs[i].module}"))
         val_mask = [i == pick for i in range(len(docs))]
     digest = hashlib.sha256()
     for d, held in zip(docs, val_mask, strict=True):
@@ -464,96 +521,3 @@ def assemble_corpus(
         train_modules=[d.module for d, v in zip(docs, val_mask, strict=True) if not v],
         val_modules=[d.module for d, v in zip(docs, val_mask, strict=True) if v],
     )
-
-
-# ---------------------------------------------------------------- knowledge-bearing SFT task
-
-QA_PROMPT = "Question: What does the Python {kind} `{name}` do?\nAnswer:"
-QA_MAX_WORDS = 40
-_SENTENCE_END = re.compile(r"(?<=[a-z0-9)`'\"\]])\.(?=\s|$)")
-
-
-def first_sentence(doc: str) -> str:
-    """The docstring's summary: its first paragraph's first sentence, on one line.
-
-    '' when the summary is not a plain sentence (a signature line, a doctest, a list) or is longer
-    than QA_MAX_WORDS words: such answers would test formatting, not knowledge.
-    """
-    para = " ".join(doc.split("\n\n", 1)[0].split())
-    m = _SENTENCE_END.search(para)
-    sentence = para[: m.end()] if m else para
-    words = sentence.split()
-    if not 3 <= len(words) <= QA_MAX_WORDS or not sentence.endswith("."):
-        return ""
-    if not sentence[0].isupper() or sentence.startswith((">>>", "..", "-", "*")) or "(" in words[0]:
-        return ""
-    return sentence
-
-
-def _qa_candidates(val_fraction: float) -> dict[str, list[dict[str, str]]]:
-    """Public module-level functions and classes of public pure-Python stdlib modules, by module.
-
-    Only modules in the corpus *training* split qualify, and only docstrings the corpus keeps (the
-    first copy of each), so every answer is text that pretraining reads next to its name.
-    """
-    seen: set[str] = set()
-    by_module: dict[str, list[dict[str, str]]] = {}
-    for doc in iter_documents(CorpusSource(_STDLIB, "stdlib"), seen=seen):
-        module = doc.module
-        if any(p.startswith("_") for p in module.split(".")) or module in STDLIB_C_MODULES:
-            continue
-        if is_validation_module(_STDLIB, module, val_fraction):
-            continue
-        for e in doc.entries:
-            if e.kind not in ("function", "class") or e.name.count(".") != module.count(".") + 1:
-                continue
-            if e.name.rsplit(".", 1)[1].startswith("_"):
-                continue
-            answer = first_sentence(e.doc)
-            if answer:
-                kind = "class" if e.kind == "class" else "function"
-                by_module.setdefault(module, []).append(
-                    {"prompt": QA_PROMPT.format(kind=kind, name=e.name), "completion": answer,
-                     "module": module, "name": e.name})
-    # An answer shared by several names (aliases, copies) is ambiguous: keep none of them.
-    counts: dict[str, int] = {}
-    for rows in by_module.values():
-        for r in rows:
-            counts[r["completion"]] = counts.get(r["completion"], 0) + 1
-    return {m: kept for m, rows in by_module.items()
-            if (kept := [r for r in rows if counts[r["completion"]] == 1])}
-
-
-def python_doc_qa(
-    seed: int = 0,
-    *,
-    n_val_modules: int = 20,
-    max_per_module: int = 5,
-    corpus_val_fraction: float = 0.02,
-) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Question-answer pairs about Python stdlib objects, split by module (train, val).
-
-    Each record is ``{"prompt": "Question: What does the Python function `textwrap.dedent` do?\\n
-    Answer:", "completion": "Remove any common leading whitespace from every line in `text`.",
-    "module": "textwrap", "name": "textwrap.dedent"}``. No module is in both splits, so the
-    validation answers cannot be learned from the SFT data: only from pretraining, which read
-    every one of these docstrings (the modules are all in the corpus's training split when it is
-    assembled with the same `corpus_val_fraction`). `seed` picks which modules are held out and
-    which objects are asked about (at most `max_per_module` per module); the result is otherwise
-    fixed.
-    """
-    by_module = _qa_candidates(corpus_val_fraction)
-    modules = sorted(by_module)
-    if n_val_modules >= len(modules):
-        raise ValueError(f"n_val_modules={n_val_modules} leaves no training module "
-                         f"({len(modules)} modules have questions); lower it")
-    order = sorted(modules, key=lambda m: _stable_hash(f"qa:{seed}:{m}"))
-    # Prefer modules with several questions for validation, so ~100 pairs come from ~20 modules.
-    rich = [m for m in order if len(by_module[m]) >= 4]
-    val_modules = set((rich + [m for m in order if m not in rich])[:n_val_modules])
-    train, val = [], []
-    for m in modules:
-        rows = sorted(by_module[m], key=lambda r: _stable_hash(f"qa:{seed}:{r['name']}"))
-        rows = sorted(rows[:max_per_module], key=lambda r: r["name"])
-        (val if m in val_modules else train).extend(rows)
-    return train, val

@@ -54,8 +54,16 @@ __all__ = [
     "write_model_card",
 ]
 
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-               "generation_config.json", "README.md", "card.json", "corpus_manifest.json")
+MODEL_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "README.md",
+    "card.json",
+    "corpus_manifest.json",
+)
 MAX_OUTPUT_BYTES = 30 * 1024 * 1024
 
 
@@ -63,7 +71,9 @@ MAX_OUTPUT_BYTES = 30 * 1024 * 1024
 
 
 def pack_blocks(
-    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, context: int,
+    texts: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    context: int,
 ) -> list[dict[str, list[int]]]:
     """Tokenize documents, join them with EOS, and cut fixed blocks of `context` tokens.
 
@@ -78,7 +88,7 @@ def pack_blocks(
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for start in range(0, len(texts), 256):
-        batch = list(texts[start:start + 256])
+        batch = list(texts[start : start + 256])
         # verbose=False: documents are longer than the model's context, on purpose
         for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
             stream.extend(ids)
@@ -86,7 +96,7 @@ def pack_blocks(
     mask = [1] * context  # one shared list: blocks are read, never written
     blocks = []
     for i in range(0, len(stream) - context + 1, context):
-        ids = stream[i:i + context]
+        ids = stream[i : i + context]
         blocks.append({"input_ids": ids, "attention_mask": mask, "labels": ids})
     return blocks
 
@@ -104,8 +114,13 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
 # ---------------------------------------------------------------- outputs
 
 
-def _save_folder(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path,
-                 card: dict[str, Any], manifest: dict[str, Any]) -> None:
+def _save_folder(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out: Path,
+    card: dict[str, Any],
+    manifest: dict[str, Any],
+) -> None:
     """Write the folder next to `out`, then swap it in: a crash never leaves half a model."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -123,8 +138,10 @@ def _save_folder(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out
     missing = [f for f in MODEL_FILES if not (tmp / f).exists()]
     total = sum(p.stat().st_size for p in tmp.iterdir())
     if missing or total > MAX_OUTPUT_BYTES:
-        raise RuntimeError(f"refusing to install {out}: missing {missing}, {total:,} bytes "
-                           f"(limit {MAX_OUTPUT_BYTES:,}); shrink vocab_size or width")
+        raise RuntimeError(
+            f"refusing to install {out}: missing {missing}, {total:,} bytes "
+            f"(limit {MAX_OUTPUT_BYTES:,}); shrink vocab_size or width"
+        )
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         out.rename(old)
@@ -151,9 +168,17 @@ def _cpu_name() -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def _card(config: PretrainConfig, corpus: Corpus, model: torch.nn.Module,
-          tokenizer: PreTrainedTokenizerBase, blocks: dict[str, int], result: Any,
-          precision: str, device: torch.device, seconds: dict[str, float]) -> dict[str, Any]:
+def _card(
+    config: PretrainConfig,
+    corpus: Corpus,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    blocks: dict[str, int],
+    result: Any,
+    precision: str,
+    device: torch.device,
+    seconds: dict[str, float],
+) -> dict[str, Any]:
     import tokenizers
     import transformers
 
@@ -162,33 +187,45 @@ def _card(config: PretrainConfig, corpus: Corpus, model: torch.nn.Module,
     final = trained[-1] if trained else result.epochs[-1]
     return {
         "model": {
-            "architecture": "GPT2LMHeadModel", "n_layer": config.n_layer, "width": config.width,
-            "n_head": config.n_head, "context": config.context, "vocab_size": len(tokenizer),
-            "parameters": count_parameters(model), "eos_token_id": tokenizer.eos_token_id,
+            "architecture": "GPT2LMHeadModel",
+            "n_layer": config.n_layer,
+            "width": config.width,
+            "n_head": config.n_head,
+            "context": config.context,
+            "vocab_size": len(tokenizer),
+            "parameters": count_parameters(model),
+            "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         },
         "corpus": {
             **{k: v for k, v in corpus.manifest().items() if k != "val_modules"},
-            "train_blocks": blocks["train"], "val_blocks": blocks["val"],
+            "train_blocks": blocks["train"],
+            "val_blocks": blocks["val"],
             "train_tokens": blocks["train"] * config.context,
             "val_tokens": blocks["val"] * config.context,
         },
         "training": {
-            "steps": result.global_step, "tokens_per_step": tokens_per_step,
+            "steps": result.global_step,
+            "tokens_per_step": tokens_per_step,
             "tokens_seen": result.global_step * tokens_per_step,
             "epochs_over_corpus": result.global_step * config.batch_size / blocks["train"],
-            "precision": precision, "device": str(device), "threads": torch.get_num_threads(),
-            "train_seconds": seconds["train"], "step_seconds": seconds["steps"],
+            "precision": precision,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "train_seconds": seconds["train"],
+            "step_seconds": seconds["steps"],
             "total_seconds": seconds["total"],
             # optimizer steps only: validation passes are excluded from the rate
-            "tokens_per_second": result.global_step * tokens_per_step / max(seconds["steps"],
-                                                                            1e-9),
-            "cpu": _cpu_name(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
+            "tokens_per_second": result.global_step * tokens_per_step / max(seconds["steps"], 1e-9),
+            "cpu": _cpu_name(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
             "tokenizers": tokenizers.__version__,
         },
         "results": {
-            "val_loss": final["val_loss"], "val_perplexity": final["val_perplexity"],
+            "val_loss": final["val_loss"],
+            "val_perplexity": final["val_perplexity"],
             "initial_val_perplexity": result.epochs[0]["val_perplexity"],
             "final_train_loss": result.final_train_loss,
             "epochs": result.epochs,
@@ -211,53 +248,93 @@ def run_pretrain(config: PretrainConfig | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
-    corpus = assemble_corpus(config.corpus_sources(), max_chars=config.max_corpus_chars,
-                             val_fraction=config.val_fraction)
-    _log(config, f"corpus: {corpus.chars:,} characters, sha256 {corpus.sha256[:16]}..., "
-                 f"{len(corpus.val_texts)} held-out modules ({time.perf_counter() - t0:.0f} s)")
-    tokenizer = train_bpe_tokenizer(corpus.train_texts, vocab_size=config.vocab_size,
-                                    min_frequency=config.min_frequency)
+    corpus = assemble_corpus(
+        config.corpus_sources(), max_chars=config.max_corpus_chars, val_fraction=config.val_fraction
+    )
+    _log(
+        config,
+        f"corpus: {corpus.chars:,} characters, sha256 {corpus.sha256[:16]}..., "
+        f"{len(corpus.val_texts)} held-out modules ({time.perf_counter() - t0:.0f} s)",
+    )
+    tokenizer = train_bpe_tokenizer(
+        corpus.train_texts, vocab_size=config.vocab_size, min_frequency=config.min_frequency
+    )
     train_blocks = pack_blocks(corpus.train_texts, tokenizer, config.context)
     val_blocks = pack_blocks(corpus.val_texts, tokenizer, config.context)
     tokenizer.model_max_length = config.context  # after packing: documents are longer
     if not train_blocks or not val_blocks:
-        raise ValueError(f"the corpus gives {len(train_blocks)} training and {len(val_blocks)} "
-                         f"validation blocks of {config.context} tokens; raise max_corpus_chars "
-                         "or val_fraction, or lower context")
-    _log(config, f"tokenizer: {len(tokenizer):,} tokens; blocks: {len(train_blocks):,} train, "
-                 f"{len(val_blocks):,} val ({time.perf_counter() - t0:.0f} s)")
-    model = build_model("gpt2", tokenizer, seed=config.seed, n_layer=config.n_layer,
-                        width=config.width, n_head=config.n_head, context=config.context)
+        raise ValueError(
+            f"the corpus gives {len(train_blocks)} training and {len(val_blocks)} "
+            f"validation blocks of {config.context} tokens; raise max_corpus_chars "
+            "or val_fraction, or lower context"
+        )
+    _log(
+        config,
+        f"tokenizer: {len(tokenizer):,} tokens; blocks: {len(train_blocks):,} train, "
+        f"{len(val_blocks):,} val ({time.perf_counter() - t0:.0f} s)",
+    )
+    model = build_model(
+        "gpt2",
+        tokenizer,
+        seed=config.seed,
+        n_layer=config.n_layer,
+        width=config.width,
+        n_head=config.n_head,
+        context=config.context,
+    )
     set_dropout(model, config.dropout)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     per_epoch = math.ceil(len(train_blocks) / config.batch_size)
     train_config = TrainConfig(
-        learning_rate=config.learning_rate, batch_size=config.batch_size,
-        epochs=math.ceil(config.max_steps / per_epoch), max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        batch_size=config.batch_size,
+        epochs=math.ceil(config.max_steps / per_epoch),
+        max_steps=config.max_steps,
         warmup_steps=min(config.warmup_steps, config.max_steps),
-        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=config.seed,
-        device=str(device), precision=precision, eval_batch_size=config.batch_size,
-        output_dir=config.work_dir, log_every=50 if config.progress else 0,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        device=str(device),
+        precision=precision,
+        eval_batch_size=config.batch_size,
+        output_dir=config.work_dir,
+        log_every=50 if config.progress else 0,
         progress=config.progress,
     )
     t_train = time.perf_counter()
-    result = train(model, tokenizer, train_blocks, val_blocks, train_config,
-                   resume=bool(config.work_dir and (Path(config.work_dir) / "checkpoint.pt")
-                               .exists()))
-    seconds = {"train": time.perf_counter() - t_train,
-               "steps": sum(e["seconds"] for e in result.epochs)}
+    result = train(
+        model,
+        tokenizer,
+        train_blocks,
+        val_blocks,
+        train_config,
+        resume=bool(config.work_dir and (Path(config.work_dir) / "checkpoint.pt").exists()),
+    )
+    seconds = {"train": time.perf_counter() - t_train, "steps": sum(e["seconds"] for e in result.epochs)}
     if result.interrupted:
-        raise KeyboardInterrupt(f"pretraining stopped at step {result.global_step}; nothing "
-                                "installed (set work_dir to resume)")
+        raise KeyboardInterrupt(
+            f"pretraining stopped at step {result.global_step}; nothing installed (set work_dir to resume)"
+        )
     model.to("cpu").eval()
-    card = _card(config, corpus, model, tokenizer,
-                 {"train": len(train_blocks), "val": len(val_blocks)}, result, precision,
-                 device, {**seconds, "total": time.perf_counter() - t0})
+    card = _card(
+        config,
+        corpus,
+        model,
+        tokenizer,
+        {"train": len(train_blocks), "val": len(val_blocks)},
+        result,
+        precision,
+        device,
+        {**seconds, "total": time.perf_counter() - t0},
+    )
     _save_folder(model, tokenizer, Path(config.output_dir), card, corpus.manifest())
-    _log(config, f"saved {config.output_dir}: val perplexity "
-                 f"{format_number(card['results']['val_perplexity'], '.2f')}, sha256 "
-                 f"{card['weights_sha256'][:16]}... ({card['training']['total_seconds']:.0f} s)")
+    _log(
+        config,
+        f"saved {config.output_dir}: val perplexity "
+        f"{format_number(card['results']['val_perplexity'], '.2f')}, sha256 "
+        f"{card['weights_sha256'][:16]}... ({card['training']['total_seconds']:.0f} s)",
+    )
     return card
 
 
@@ -271,8 +348,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default
         helptext = f"{f.metadata.get('help', '')} (default: {default})"
         if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=helptext)
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=helptext
+            )
         elif f.name == "sources":
             parser.add_argument(flag, dest=f.name, nargs="+", default=None, help=helptext)
         else:
@@ -286,16 +364,24 @@ def run_from_args(args: argparse.Namespace) -> int:
     names = {f.name for f in dataclasses.fields(PretrainConfig)}
     config = PretrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     card = run_pretrain(config)
-    print(json.dumps({"output_dir": config.output_dir, "weights_sha256": card["weights_sha256"],
-                      "val_perplexity": card["results"]["val_perplexity"],
-                      "tokens_seen": card["training"]["tokens_seen"],
-                      "minutes": round(card["training"]["total_seconds"] / 60, 1)}))
+    print(
+        json.dumps(
+            {
+                "output_dir": config.output_dir,
+                "weights_sha256": card["weights_sha256"],
+                "val_perplexity": card["results"]["val_perplexity"],
+                "tokens_seen": card["training"]["tokens_seen"],
+                "minutes": round(card["training"]["total_seconds"] / 60, 1),
+            }
+        )
+    )
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lumorik_sft.basemodel.pretrain",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lumorik_sft.basemodel.pretrain", description=__doc__.splitlines()[0]
+    )
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 

@@ -35,13 +35,18 @@ class _CommandParser(argparse.ArgumentParser):
     and `lumorik-sft --help` or `lumorik-sft train --help` should not wait for torch.
     """
 
-    def __init__(self, *args: Any, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._deferred_arguments = add_arguments
 
-    def parse_known_args(self, args: Sequence[str] | None = None,
-                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
         if self._deferred_arguments is not None:
             add, self._deferred_arguments = self._deferred_arguments, None
             add(self)
@@ -53,8 +58,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from lumorik_sft.defaults import fast_mode
 
     settings = DemoSettings.for_mode(
-        args.fast or fast_mode(), out_dir=Path(args.out), model=args.model, seed=args.seed,
-        epochs=args.epochs, learning_rate=args.lr,
+        args.fast or fast_mode(),
+        out_dir=Path(args.out),
+        model=args.model,
+        seed=args.seed,
+        epochs=args.epochs,
+        learning_rate=args.lr,
     )
     run_demo(settings)
     return 0
@@ -95,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(p)
         p.set_defaults(func=module.run_from_args)
 
-    p = sub.add_parser("pretrain", help="rebuild the embedded base model from its recipe",
-                       add_arguments=_pretrain_arguments)
+    p = sub.add_parser(
+        "pretrain", help="rebuild the embedded base model from its recipe", add_arguments=_pretrain_arguments
+    )
     p.set_defaults(func=_cmd_pretrain)
     return parser
 

@@ -53,8 +53,13 @@ class DemoSettings:
         """The demo's training settings for `model`: bf16 autocast where its device supports it."""
         precision = resolve_precision(self.precision, next(model.parameters()).device)
         options: dict[str, Any] = dict(
-            learning_rate=learning_rate, batch_size=self.batch_size, epochs=self.epochs,
-            warmup_ratio=0.05, seed=self.seed, progress=self.progress, precision=precision,
+            learning_rate=learning_rate,
+            batch_size=self.batch_size,
+            epochs=self.epochs,
+            warmup_ratio=0.05,
+            seed=self.seed,
+            progress=self.progress,
+            precision=precision,
             # oneDNN builds bf16 kernels per batch shape: a few widths instead of dozens (measured
             # here: 20 steps in 30 s, against 96 s unrounded and 48 s in fp32, on a loaded CPU).
             pad_to_multiple_of=64 if precision == "bf16" else None,
@@ -79,15 +84,21 @@ def run_demo(settings: DemoSettings, echo=print) -> dict[str, Any]:
     synthetic.write_noisy_product_descriptions(raw, seed=settings.seed)
 
     model, tokenizer, source = model_and_tokenizer(
-        settings.model, seed=settings.seed,
-        fallback_texts=[r["prompt"] + "\n" + r["completion"]
-                        for r in synthetic.product_descriptions(seed=settings.seed)],
+        settings.model,
+        seed=settings.seed,
+        fallback_texts=[
+            r["prompt"] + "\n" + r["completion"] for r in synthetic.product_descriptions(seed=settings.seed)
+        ],
     )
 
     echo("== 1. Data curation ==")
     report = data.run_curation(
         # Twice the context: longer is a broken row; 256-512 tokens get their prompt cut at encoding.
-        raw, out / "data", seed=settings.seed, skip_invalid=True, max_tokens=2 * settings.max_length,
+        raw,
+        out / "data",
+        seed=settings.seed,
+        skip_invalid=True,
+        max_tokens=2 * settings.max_length,
         length_fn=lambda r: encoding.pair_length(tokenizer, r["prompt"], r["completion"]),
     )
     echo(report.summary())
@@ -98,18 +109,25 @@ def run_demo(settings: DemoSettings, echo=print) -> dict[str, Any]:
 
     echo("\n== 2. Tokenization and encoding ==")
     echo(f"model: {source} ({models.count_parameters(model) / 1e6:.2f}M parameters)")
-    train_ex, enc_report = encoding.encode_records(train_records, tokenizer,
-                                                   max_length=settings.max_length)
+    train_ex, enc_report = encoding.encode_records(train_records, tokenizer, max_length=settings.max_length)
     val_ex, _ = encoding.encode_records(val_records, tokenizer, max_length=settings.max_length)
-    echo(f"encoded {enc_report.encoded} training examples: {enc_report.prompt_tokens} prompt tokens "
-         f"(masked, -100) and {enc_report.completion_tokens} completion tokens (supervised); "
-         f"{enc_report.truncated} truncated, dropped {dict(enc_report.dropped) or 'none'}")
+    echo(
+        f"encoded {enc_report.encoded} training examples: {enc_report.prompt_tokens} prompt tokens "
+        f"(masked, -100) and {enc_report.completion_tokens} completion tokens (supervised); "
+        f"{enc_report.truncated} truncated, dropped {dict(enc_report.dropped) or 'none'}"
+    )
 
     n_gen = min(settings.n_generate, len(val_records))
     echo(f"\n== 4a. Evaluation before SFT ({len(val_records)} validation pairs) ==")
-    before = evaluate_model(model, tokenizer, val_records, max_length=settings.max_length,
-                            n_generate=n_gen, max_new_tokens=settings.max_new_tokens,
-                            progress=settings.progress)
+    before = evaluate_model(
+        model,
+        tokenizer,
+        val_records,
+        max_length=settings.max_length,
+        n_generate=n_gen,
+        max_new_tokens=settings.max_new_tokens,
+        progress=settings.progress,
+    )
     echo(_metrics_line(before))
 
     lr = settings.learning_rate_for(source, model)
@@ -118,30 +136,44 @@ def run_demo(settings: DemoSettings, echo=print) -> dict[str, Any]:
     echo(f"precision: {config.precision}")
     result = training.train(model, tokenizer, train_ex, val_ex, config)
     for ep in result.epochs[1:]:
-        echo(f"epoch {ep['epoch']}: train loss {_fmt(ep.get('train_loss'))}, "
-             f"val loss {ep['val_loss']:.3f}, val perplexity {ep['val_perplexity']:.2f}")
+        echo(
+            f"epoch {ep['epoch']}: train loss {_fmt(ep.get('train_loss'))}, "
+            f"val loss {ep['val_loss']:.3f}, val perplexity {ep['val_perplexity']:.2f}"
+        )
 
     echo("\n== 4b. Evaluation after SFT ==")
-    after = evaluate_model(model, tokenizer, val_records, max_length=settings.max_length,
-                           n_generate=n_gen, max_new_tokens=settings.max_new_tokens,
-                           progress=settings.progress)
+    after = evaluate_model(
+        model,
+        tokenizer,
+        val_records,
+        max_length=settings.max_length,
+        n_generate=n_gen,
+        max_new_tokens=settings.max_new_tokens,
+        progress=settings.progress,
+    )
     echo(_metrics_line(after))
     echo(_comparison_table(before, after))
     echo("\n== Samples (validation prompts the model never trained on) ==")
     for i in range(min(3, n_gen)):
-        echo(f"--- prompt ---\n{after.prompts[i]}\n--- reference ---\n{after.references[i]}\n"
-             f"--- before SFT ---\n{before.predictions[i]}\n--- after SFT ---\n{after.predictions[i]}\n")
+        echo(
+            f"--- prompt ---\n{after.prompts[i]}\n--- reference ---\n{after.references[i]}\n"
+            f"--- before SFT ---\n{before.predictions[i]}\n--- after SFT ---\n{after.predictions[i]}\n"
+        )
 
     png = out / "loss_curve.png"
     plot_loss_curves(result, path=png)
     summary = {
-        "model": source, "seconds": round(time.perf_counter() - start, 1),
-        "curation": report.to_dict(), "before": before.to_dict(), "after": after.to_dict(),
-        "history": result.to_dict(), "loss_curve": str(png), "learning_rate": lr,
+        "model": source,
+        "seconds": round(time.perf_counter() - start, 1),
+        "curation": report.to_dict(),
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        "history": result.to_dict(),
+        "loss_curve": str(png),
+        "learning_rate": lr,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    echo(f"loss curve: {png}\nsummary: {out / 'summary.json'}\n"
-         f"demo finished in {summary['seconds']:.0f} s")
+    echo(f"loss curve: {png}\nsummary: {out / 'summary.json'}\ndemo finished in {summary['seconds']:.0f} s")
     return summary
 
 
@@ -151,8 +183,10 @@ def _fmt(x: float | None) -> str:
 
 def _metrics_line(r: EvalReport) -> str:
     rouge = ", ".join(f"{k} {v:.3f}" for k, v in r.rouge.items())
-    return (f"completion loss {r.loss:.3f}, perplexity {r.perplexity:.2f} over {r.n_tokens} tokens; "
-            f"BLEU {_fmt(r.bleu)}; {rouge}")
+    return (
+        f"completion loss {r.loss:.3f}, perplexity {r.perplexity:.2f} over {r.n_tokens} tokens; "
+        f"BLEU {_fmt(r.bleu)}; {rouge}"
+    )
 
 
 def _comparison_table(before: EvalReport, after: EvalReport) -> str:

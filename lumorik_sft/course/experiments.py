@@ -79,7 +79,10 @@ class BaseModelFactory:
 
 
 def base_model_factory(
-    name_or_path: str | None = None, *, fallback_texts: list[str] | None = None, seed: int = 0,
+    name_or_path: str | None = None,
+    *,
+    fallback_texts: list[str] | None = None,
+    seed: int = 0,
     device: str = "auto",
 ) -> BaseModelFactory:
     """A factory for `pipeline.model_and_tokenizer`'s model: the embedded one, else a toy.
@@ -90,7 +93,8 @@ def base_model_factory(
     from lumorik_sft.pipeline import model_and_tokenizer
 
     model, tokenizer, source = model_and_tokenizer(
-        name_or_path, fallback_texts=fallback_texts, seed=seed, device=device)
+        name_or_path, fallback_texts=fallback_texts, seed=seed, device=device
+    )
     model.eval()
     return BaseModelFactory(model, tokenizer, source)
 
@@ -192,9 +196,18 @@ def lr_sweep(
     """One `run_sft` per learning rate, everything else equal (same data, order and seed)."""
     if not learning_rates:
         raise ValueError("learning_rates is empty; pass e.g. [5e-5, 1e-3, 1e-1]")
-    return [run_sft(model_factory, tokenizer, train_examples, val_examples,
-                    learning_rate=lr, label=f"lr {lr:g}", **config)
-            for lr in learning_rates]
+    return [
+        run_sft(
+            model_factory,
+            tokenizer,
+            train_examples,
+            val_examples,
+            learning_rate=lr,
+            label=f"lr {lr:g}",
+            **config,
+        )
+        for lr in learning_rates
+    ]
 
 
 def epochs_curve(
@@ -215,11 +228,16 @@ def epochs_curve(
     rows = []
     for e in run["epochs_log"]:
         train_loss = e.get("train_loss")
-        rows.append({
-            "epoch": e["epoch"], "step": e["step"], "train_loss": train_loss,
-            "val_loss": e["val_loss"], "val_perplexity": e["val_perplexity"],
-            "gap": None if train_loss is None else e["val_loss"] - train_loss,
-        })
+        rows.append(
+            {
+                "epoch": e["epoch"],
+                "step": e["step"],
+                "train_loss": train_loss,
+                "val_loss": e["val_loss"],
+                "val_perplexity": e["val_perplexity"],
+                "gap": None if train_loss is None else e["val_loss"] - train_loss,
+            }
+        )
     return rows
 
 
@@ -236,9 +254,18 @@ def epochs_comparison(
     Unlike reading epoch 1 off a longer run, this compares what you would actually get by
     stopping after one epoch: the 1-epoch run decays its learning rate to 0 within that epoch.
     """
-    return [run_sft(model_factory, tokenizer, train_examples, val_examples, epochs=n,
-                    label=f"{n} epoch{'s' if n != 1 else ''}", **config)
-            for n in epoch_counts]
+    return [
+        run_sft(
+            model_factory,
+            tokenizer,
+            train_examples,
+            val_examples,
+            epochs=n,
+            label=f"{n} epoch{'s' if n != 1 else ''}",
+            **config,
+        )
+        for n in epoch_counts
+    ]
 
 
 def batch_size_sweep_fixed_tokens(
@@ -265,13 +292,22 @@ def batch_size_sweep_fixed_tokens(
         raise ValueError(f"lr_scaling must be None, 'sqrt' or 'linear', got {lr_scaling!r}")
     power = {None: 0.0, "sqrt": 0.5, "linear": 1.0}[lr_scaling]
     smallest = min(batch_sizes)
-    tokens = sum(sum(1 for t in ex["labels"][1:] if t != encoding.IGNORE_INDEX)
-                 for ex in train_examples) * config.get("epochs", TrainConfig.epochs)
+    tokens = sum(
+        sum(1 for t in ex["labels"][1:] if t != encoding.IGNORE_INDEX) for ex in train_examples
+    ) * config.get("epochs", TrainConfig.epochs)
     runs = []
     for bs in batch_sizes:
         lr = learning_rate * (bs / smallest) ** power
-        run = run_sft(model_factory, tokenizer, train_examples, val_examples,
-                      batch_size=bs, learning_rate=lr, label=f"batch {bs}", **config)
+        run = run_sft(
+            model_factory,
+            tokenizer,
+            train_examples,
+            val_examples,
+            batch_size=bs,
+            learning_rate=lr,
+            label=f"batch {bs}",
+            **config,
+        )
         run["tokens"] = tokens
         runs.append(run)
     return runs
@@ -343,13 +379,17 @@ def before_after_table(before: Any, after: Any) -> list[dict[str, Any]]:
 
     Loss and perplexity are better when lower, BLEU and ROUGE when higher.
     """
-    rows = [("loss", before.loss, after.loss, False),
-            ("perplexity", before.perplexity, after.perplexity, False)]
+    rows = [
+        ("loss", before.loss, after.loss, False),
+        ("perplexity", before.perplexity, after.perplexity, False),
+    ]
     if before.bleu is not None and after.bleu is not None:
         rows.append(("BLEU", before.bleu, after.bleu, True))
     rows += [(k, before.rouge[k], after.rouge[k], True) for k in after.rouge if k in before.rouge]
-    return [{"metric": name, "before": b, "after": a, "change": a - b,
-             "better": (a > b) if higher else (a < b)} for name, b, a, higher in rows]
+    return [
+        {"metric": name, "before": b, "after": a, "change": a - b, "better": (a > b) if higher else (a < b)}
+        for name, b, a, higher in rows
+    ]
 
 
 def metric_pitfall_candidates(seed: int = 7) -> dict[str, Any]:
@@ -370,8 +410,10 @@ def metric_pitfall_candidates(seed: int = 7) -> dict[str, Any]:
     wording = seed * 1000 + 1  # same wording seed -> the same template choices
     reference = synthetic.sample_description(attrs, random.Random(wording))
     wrong = dict(attrs, colour=other["colour"], material=other["material"])
-    paraphrase = (f"Made from {attrs['material']} and coloured {attrs['colour']}, this "
-                  f"{attrs['category']} comes with these features: {', '.join(attrs['features'])}.")
+    paraphrase = (
+        f"Made from {attrs['material']} and coloured {attrs['colour']}, this "
+        f"{attrs['category']} comes with these features: {', '.join(attrs['features'])}."
+    )
     other_same_tone = dict(other, tone=attrs["tone"], length=attrs["length"])
     return {
         "prompt": synthetic.render_product_prompt(attrs),
@@ -408,11 +450,16 @@ def score_candidates(
         if ex is None:
             raise ValueError(f"candidate {name!r} has no completion token left after encoding")
         ev = metrics.evaluate_loss(model, [collate([ex])])
-        rows.append({
-            "name": name, "text": text, "loss": ev.loss, "perplexity": ev.perplexity,
-            "bleu": metrics.corpus_bleu([text], [reference]),
-            "rougeL": metrics.rouge([text], [reference], rouge_types=("rougeL",))["rougeL"],
-        })
+        rows.append(
+            {
+                "name": name,
+                "text": text,
+                "loss": ev.loss,
+                "perplexity": ev.perplexity,
+                "bleu": metrics.corpus_bleu([text], [reference]),
+                "rougeL": metrics.rouge([text], [reference], rouge_types=("rougeL",))["rougeL"],
+            }
+        )
     return rows
 
 
@@ -428,8 +475,9 @@ def _axes(ax: Any, size: tuple[float, float] = (7, 4)) -> tuple[Any, Any]:
     return fig, fig.add_subplot()
 
 
-def plot_step_losses(runs: Sequence[Mapping[str, Any]], *, ax: Any = None, title: str | None = None,
-                     ylim_to_start: bool = True) -> Any:
+def plot_step_losses(
+    runs: Sequence[Mapping[str, Any]], *, ax: Any = None, title: str | None = None, ylim_to_start: bool = True
+) -> Any:
     """Training loss per optimizer step, one line per run (diverged runs end with an x).
 
     ``ylim_to_start`` caps the y axis a little above the starting loss, so one exploding run
@@ -458,8 +506,10 @@ def plot_val_losses(runs: Sequence[Mapping[str, Any]], *, ax: Any = None, title:
     fig, ax = _axes(ax)
     labels = [r["label"] for r in runs]
     before = [r["val_loss_before"] for r in runs if _finite(r["val_loss_before"])]
-    top = max([*before, *(r["val_loss_after"] for r in runs if _finite(r["val_loss_after"]))],
-              default=1.0) * 1.15
+    top = (
+        max([*before, *(r["val_loss_after"] for r in runs if _finite(r["val_loss_after"]))], default=1.0)
+        * 1.15
+    )
     heights = [r["val_loss_after"] if _finite(r["val_loss_after"]) else top for r in runs]
     bars = ax.bar(labels, heights, color="tab:green")
     for bar, run in zip(bars, runs, strict=True):
@@ -467,8 +517,9 @@ def plot_val_losses(runs: Sequence[Mapping[str, Any]], *, ax: Any = None, title:
             bar.set_hatch("//")
             bar.set_color("tab:red")
         text = "diverged" if run["diverged"] else f"{run['val_loss_after']:.3f}"
-        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=9)
+        ax.annotate(
+            text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=9
+        )
     if before:
         ax.axhline(before[0], linestyle="--", color="grey", label=f"before training {before[0]:.3f}")
         ax.legend(loc="lower right")
@@ -479,17 +530,20 @@ def plot_val_losses(runs: Sequence[Mapping[str, Any]], *, ax: Any = None, title:
     return fig
 
 
-def plot_epochs_curve(rows: Sequence[Mapping[str, Any]], *, ax: Any = None,
-                      title: str | None = None) -> Any:
+def plot_epochs_curve(rows: Sequence[Mapping[str, Any]], *, ax: Any = None, title: str | None = None) -> Any:
     """Train and validation loss per epoch (from `epochs_curve`), the best epoch marked."""
     fig, ax = _axes(ax)
     trained = [r for r in rows if r["train_loss"] is not None]
-    ax.plot([r["epoch"] for r in trained], [r["train_loss"] for r in trained], "o-",
-            label="train loss")
+    ax.plot([r["epoch"] for r in trained], [r["train_loss"] for r in trained], "o-", label="train loss")
     ax.plot([r["epoch"] for r in rows], [r["val_loss"] for r in rows], "s--", label="validation loss")
     best = min(rows, key=lambda r: r["val_loss"])
-    ax.axvline(best["epoch"], color="grey", alpha=0.5, linestyle=":",
-               label=f"lowest validation loss (epoch {best['epoch']})")
+    ax.axvline(
+        best["epoch"],
+        color="grey",
+        alpha=0.5,
+        linestyle=":",
+        label=f"lowest validation loss (epoch {best['epoch']})",
+    )
     ax.set_xlabel("epoch (0 = before training)")
     ax.set_ylabel("loss (NLL per completion token)")
     ax.set_title(title or "train and validation loss per epoch")
@@ -506,8 +560,7 @@ def _smoke() -> None:
     from lumorik_sft.models import build_model, train_bpe_tokenizer
 
     records = synthetic.product_descriptions(40)
-    tokenizer = train_bpe_tokenizer([r["prompt"] + "\n" + r["completion"] for r in records],
-                                    vocab_size=400)
+    tokenizer = train_bpe_tokenizer([r["prompt"] + "\n" + r["completion"] for r in records], vocab_size=400)
     base = build_model("gpt2", tokenizer, n_layer=2, width=32, n_head=2, context=256)
     factory = BaseModelFactory(base, tokenizer, "random-init toy")
     examples, _ = encoding.encode_records(records, tokenizer)

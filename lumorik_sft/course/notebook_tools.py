@@ -91,6 +91,7 @@ def execute_notebook(
     """
     import nbformat
     from nbclient import NotebookClient
+
     nb_path = Path(path)
     nb = nbformat.read(nb_path, as_version=4)
     client = NotebookClient(
@@ -122,8 +123,12 @@ def coalesce_streams(nb: Any) -> Any:
         merged: list[Any] = []
         for out in cell.get("outputs", []):
             last = merged[-1] if merged else None
-            if (out.get("output_type") == "stream" and last is not None
-                    and last.get("output_type") == "stream" and last.get("name") == out.get("name")):
+            if (
+                out.get("output_type") == "stream"
+                and last is not None
+                and last.get("output_type") == "stream"
+                and last.get("name") == out.get("name")
+            ):
                 last["text"] = "".join(last["text"]) + "".join(out["text"])
             else:
                 merged.append(out)
@@ -152,8 +157,9 @@ def execute_all(
     for nb_path in chosen:
         mode = "fast" if fast else "full"
         echo(f"executing {nb_path} ({mode} mode) ...")
-        times[str(nb_path)] = execute_notebook(nb_path, fast=fast, timeout=timeout,
-                                               quiet_progress=quiet_progress)
+        times[str(nb_path)] = execute_notebook(
+            nb_path, fast=fast, timeout=timeout, quiet_progress=quiet_progress
+        )
         echo(f"  done in {times[str(nb_path)]:.1f} s")
     return times
 
@@ -161,8 +167,7 @@ def execute_all(
 def output_bytes(nb: Any) -> int:
     """Size of all cell outputs, as the JSON that nbformat writes (images included)."""
     return sum(
-        len(json.dumps(cell.get("outputs", []), ensure_ascii=False).encode("utf-8"))
-        for cell in nb.cells
+        len(json.dumps(cell.get("outputs", []), ensure_ascii=False).encode("utf-8")) for cell in nb.cells
     )
 
 
@@ -196,8 +201,10 @@ def check_notebook(path: str | os.PathLike, *, max_output_bytes: int = MAX_OUTPU
                 problems.append(f"{nb_path}: cell {index}: error output: {message}")
     size = output_bytes(nb)
     if size > max_output_bytes:
-        problems.append(f"{nb_path}: outputs take {size / 1e6:.2f} MB, more than the "
-                        f"{max_output_bytes / 1e6:.2f} MB allowed; shrink figures or printed tables")
+        problems.append(
+            f"{nb_path}: outputs take {size / 1e6:.2f} MB, more than the "
+            f"{max_output_bytes / 1e6:.2f} MB allowed; shrink figures or printed tables"
+        )
     return problems
 
 
@@ -208,13 +215,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `lumorik-sft notebooks`: check, or with --execute re-run and then check."""
     parser.add_argument("paths", nargs="*", help="notebooks (default: every notebook in --root)")
     parser.add_argument("--root", default="notebooks", help="notebook folder (default: notebooks)")
-    parser.add_argument("--execute", action="store_true",
-                        help="re-execute the notebooks in place before checking them "
-                             "(full mode unless --fast)")
-    parser.add_argument("--fast", action="store_true",
-                        help="with --execute: run in fast mode (LUMORIK_FAST=1), as CI does")
-    parser.add_argument("--timeout", type=int, default=900,
-                        help="seconds allowed per cell (default: 900)")
+    parser.add_argument(
+        "--execute",
+        action="store_true",
+        help="re-execute the notebooks in place before checking them (full mode unless --fast)",
+    )
+    parser.add_argument(
+        "--fast", action="store_true", help="with --execute: run in fast mode (LUMORIK_FAST=1), as CI does"
+    )
+    parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per cell (default: 900)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -240,14 +249,18 @@ def run_from_args(args: argparse.Namespace) -> int:
         problems = [f"{p}: execution failed" for p in failed]
     for problem in problems:
         print(problem)
-    print(f"checked {len(paths)} notebook(s): "
-          f"{'no problems' if not problems else f'{len(problems)} problem(s)'}")
+    print(
+        f"checked {len(paths)} notebook(s): "
+        f"{'no problems' if not problems else f'{len(problems)} problem(s)'}"
+    )
     return 1 if problems else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lumorik_sft.course.notebook_tools",
-                                     description="Execute and check the course notebooks.")
+    parser = argparse.ArgumentParser(
+        prog="python -m lumorik_sft.course.notebook_tools",
+        description="Execute and check the course notebooks.",
+    )
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 

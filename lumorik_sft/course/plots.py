@@ -26,8 +26,10 @@ def _history(history: Any) -> dict[str, list[dict[str, Any]]]:
     if not isinstance(history, Mapping):
         history = history.to_dict()
     if "steps" not in history or "epochs" not in history:
-        raise ValueError("history needs 'steps' and 'epochs' lists: pass the TrainResult "
-                         "returned by train(), its to_dict(), or a history.json path")
+        raise ValueError(
+            "history needs 'steps' and 'epochs' lists: pass the TrainResult "
+            "returned by train(), its to_dict(), or a history.json path"
+        )
     return {"steps": list(history["steps"]), "epochs": list(history["epochs"])}
 
 
@@ -53,9 +55,7 @@ def _log(x: Any) -> Any:
     return np.log(np.clip(x, 1e-22, None))
 
 
-def plot_loss_curves(
-    history: Any, *, ax: Axes | None = None, path: str | Path | None = None
-) -> Figure:
+def plot_loss_curves(history: Any, *, ax: Axes | None = None, path: str | Path | None = None) -> Figure:
     """Training loss per step (light), train and validation loss per epoch (markers).
 
     The x axis is optimizer steps. Validation markers sit at the step that ended their
@@ -71,24 +71,39 @@ def plot_loss_curves(
         fig = ax.figure  # type: ignore[assignment]
     steps = hist["steps"]
     if steps:
-        ax.plot([s["step"] for s in steps], [s["loss"] for s in steps],
-                color="tab:blue", alpha=0.35, linewidth=1, label="train loss (per step)")
+        ax.plot(
+            [s["step"] for s in steps],
+            [s["loss"] for s in steps],
+            color="tab:blue",
+            alpha=0.35,
+            linewidth=1,
+            label="train loss (per step)",
+        )
     trained = _epoch_midpoints(hist["epochs"])
     if trained:
-        ax.plot([x for x, _ in trained], [y for _, y in trained],
-                "o-", color="tab:blue", label="train loss (epoch)")
+        ax.plot(
+            [x for x, _ in trained],
+            [y for _, y in trained],
+            "o-",
+            color="tab:blue",
+            label="train loss (epoch)",
+        )
     val = [e for e in hist["epochs"] if e.get("val_loss") is not None]
     if val:
-        ax.plot([e["step"] for e in val], [e["val_loss"] for e in val],
-                "s--", color="tab:orange", label="validation loss")
+        ax.plot(
+            [e["step"] for e in val],
+            [e["val_loss"] for e in val],
+            "s--",
+            color="tab:orange",
+            label="validation loss",
+        )
         right = ax.secondary_yaxis("right", functions=(_exp, _log))
         right.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         right.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         right.set_ylabel("perplexity = exp(loss)")
         last = val[-1]
         ppl = last.get("val_perplexity") or math.exp(min(last["val_loss"], 700))
-        ax.set_title(f"val loss {last['val_loss']:.3f}, perplexity {ppl:.2f} "
-                     f"(epoch {last['epoch']})")
+        ax.set_title(f"val loss {last['val_loss']:.3f}, perplexity {ppl:.2f} (epoch {last['epoch']})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (NLL per completion token)")
     ax.grid(alpha=0.3)

@@ -41,8 +41,18 @@ NOBODY = 65534  # uid and gid of `nobody` on Linux
 HOME = Path("/home/student")  # the child's home; its working directory is HOME / "work"
 _TMPFS_MB = 256  # the child's root, home and /tmp live in a tmpfs this large
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-_ETC = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "passwd", "group", "nsswitch.conf", "localtime",
-        "fonts", "ssl", "mime.types")
+_ETC = (
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "passwd",
+    "group",
+    "nsswitch.conf",
+    "localtime",
+    "fonts",
+    "ssl",
+    "mime.types",
+)
 _DEVICES = ("null", "zero", "full", "random", "urandom")
 _TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 _DESCRIPTIONS = {
@@ -135,8 +145,17 @@ class Sandbox:
             drop = [_tool("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
         else:
             drop = [_tool("setpriv"), "--inh-caps=-all", "--bounding-set=-all"]
-        run = [chroot, str(scratch), _tool("env"), "-C", str(HOME / "work"), *drop, "--no-new-privs", "--",
-               *argv]
+        run = [
+            chroot,
+            str(scratch),
+            _tool("env"),
+            "-C",
+            str(HOME / "work"),
+            *drop,
+            "--no-new-privs",
+            "--",
+            *argv,
+        ]
         # not `exec`: the shell stays PID 1 of the namespace, so the student's process gets the
         # ordinary signal semantics (SIGXCPU, SIGALRM) that a namespace's init would not
         lines += ["set +e", " ".join(q(a) for a in run), "exit $?"]

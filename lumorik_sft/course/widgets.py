@@ -101,44 +101,48 @@ class Control:
         label = self.description or name.replace("_", " ")
         style = {"description_width": "initial"}
         if self.kind == "float":
-            return w.FloatSlider(value=self.default, description=label, style=style,
-                                 continuous_update=False, **self.options)
+            return w.FloatSlider(
+                value=self.default, description=label, style=style, continuous_update=False, **self.options
+            )
         if self.kind == "log":
-            return w.FloatLogSlider(value=self.default, description=label, style=style,
-                                    continuous_update=False, **self.options)
+            return w.FloatLogSlider(
+                value=self.default, description=label, style=style, continuous_update=False, **self.options
+            )
         if self.kind == "int":
-            return w.IntSlider(value=self.default, description=label, style=style,
-                               continuous_update=False, **self.options)
+            return w.IntSlider(
+                value=self.default, description=label, style=style, continuous_update=False, **self.options
+            )
         if self.kind == "choice":
             return w.Dropdown(value=self.default, description=label, style=style, **self.options)
         if self.kind == "text":
-            return w.Textarea(value=self.default, description=label, style=style,
-                              layout=w.Layout(width="90%", height="7em"))
+            return w.Textarea(
+                value=self.default, description=label, style=style, layout=w.Layout(width="90%", height="7em")
+            )
         if self.kind == "bool":
             return w.Checkbox(value=self.default, description=label, style=style)
         raise ValueError(f"unknown control kind {self.kind!r}")
 
 
-def slider(default: float, min: float, max: float, step: float | None = None, *,
-           description: str | None = None) -> Control:
+def slider(
+    default: float, min: float, max: float, step: float | None = None, *, description: str | None = None
+) -> Control:
     """A slider: integer if all of default, min and max are ints, else float."""
     if not min <= default <= max:
         raise ValueError(f"slider default {default} is outside [{min}, {max}]")
-    ints = all(isinstance(v, int) for v in (default, min, max)) and (step is None
-                                                                       or isinstance(step, int))
+    ints = all(isinstance(v, int) for v in (default, min, max)) and (step is None or isinstance(step, int))
     options: dict[str, Any] = {"min": min, "max": max}
     if step is not None:
         options["step"] = step
     return Control("int" if ints else "float", default, options, description)
 
 
-def log_slider(default: float, min_exp: float, max_exp: float, step: float = 0.5, *,
-               description: str | None = None) -> Control:
+def log_slider(
+    default: float, min_exp: float, max_exp: float, step: float = 0.5, *, description: str | None = None
+) -> Control:
     """A log-scale float slider from 10**min_exp to 10**max_exp (for learning rates)."""
-    if not 10 ** min_exp <= default <= 10 ** max_exp:
+    if not 10**min_exp <= default <= 10**max_exp:
         raise ValueError(f"log_slider default {default} is outside [1e{min_exp}, 1e{max_exp}]")
-    return Control("log", default, {"min": min_exp, "max": max_exp, "step": step, "base": 10},
-                   description)
+    return Control("log", default, {"min": min_exp, "max": max_exp, "step": step, "base": 10}, description)
 
 
 def choice(default: Any, options: Sequence[Any], *, description: str | None = None) -> Control:
@@ -202,6 +206,7 @@ def interactive_or_static(
         button.on_click(lambda _: render(**{k: c.value for k, c in live.items()}))
         display(w.VBox([*live.values(), button, out]))
     else:
+
         def on_change(_: Any) -> None:
             render(**{k: c.value for k, c in live.items()})
 
@@ -263,8 +268,10 @@ class LiveLossPlot:
     def finish(self) -> Any:
         """Draw the final curve: update the live plot, or display it once. Returns the Figure."""
         if self.result is None:
-            raise RuntimeError("no training event received yet: pass this object as "
-                               "train(..., callback=live) before calling finish()")
+            raise RuntimeError(
+                "no training event received yet: pass this object as "
+                "train(..., callback=live) before calling finish()"
+            )
         fig = self._draw()
         if self._handle is not None:
             self._handle.update(fig)

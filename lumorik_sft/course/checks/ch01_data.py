@@ -212,7 +212,6 @@ CHAPTER.register(
     run=_run_split,
     compare=_split_compare,
     forbidden=("lumorik_sft.data:split_records",),
-    hint="group by clean_text(prompt), shuffle the groups with random.Random(seed), "
-    "fill val group by group",
+    hint="group by clean_text(prompt), shuffle the groups with random.Random(seed), fill val group by group",
     wrong_variants=("shuffle records and slice", "group by the raw, uncleaned prompt"),
 )

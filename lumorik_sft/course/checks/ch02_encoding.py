@@ -225,7 +225,6 @@ CHAPTER.register(
     run=_run_collate,
     compare=_collate_compare,
     forbidden=("lumorik_sft.encoding:SFTCollator", "lumorik_sft.encoding:pad_sequences"),
-    hint="pad right to the longest row: input_ids with pad_token_id, attention_mask with 0, "
-    "labels with -100",
+    hint="pad right to the longest row: input_ids with pad_token_id, attention_mask with 0, labels with -100",
     wrong_variants=("labels padded with the pad id", "pad to a fixed max_length", "left padding"),
 )

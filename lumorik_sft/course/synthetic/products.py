@@ -190,8 +190,20 @@ _CATEGORIES: dict[str, tuple[str, tuple[str, ...], dict[str, tuple[str, str]]]] 
     ),
 }
 
-_COLOURS = ("navy", "charcoal", "forest green", "sand", "terracotta", "sky blue", "blush pink",
-            "mustard yellow", "crème", "café au lait", "black", "ivory")
+_COLOURS = (
+    "navy",
+    "charcoal",
+    "forest green",
+    "sand",
+    "terracotta",
+    "sky blue",
+    "blush pink",
+    "mustard yellow",
+    "crème",
+    "café au lait",
+    "black",
+    "ivory",
+)
 TONES = ("friendly", "professional", "playful", "luxurious")
 LENGTHS = ("short", "long")
 
@@ -209,8 +221,7 @@ _TONE_TEMPLATES: dict[str, dict[str, Any]] = {
     "professional": {
         "open": ["This {colour} {category} is {made} from {material} and designed {use}."],
         "made": ["crafted", "built"],
-        "feature": ["It features {noun}, ensuring {benefit}.",
-                    "It offers {noun}, ensuring {benefit}."],
+        "feature": ["It features {noun}, ensuring {benefit}.", "It offers {noun}, ensuring {benefit}."],
         "material": ["The {material} construction provides durability for daily use."],
         "close": ["A reliable choice for everyday use.", "A dependable choice for everyday use."],
         "extra": ["Every unit is quality-checked before it ships."],
@@ -225,11 +236,9 @@ _TONE_TEMPLATES: dict[str, dict[str, Any]] = {
         "extra": ["Your friends will definitely ask where you got it."],
     },
     "luxurious": {
-        "open": ["Indulge in an exquisite {colour} {category}, {shaped} from the finest {material} "
-                 "{use}."],
+        "open": ["Indulge in an exquisite {colour} {category}, {shaped} from the finest {material} {use}."],
         "shaped": ["fashioned", "shaped"],
-        "feature": ["It is refined with {noun}, so {benefit}.",
-                    "It is finished with {noun}, so {benefit}."],
+        "feature": ["It is refined with {noun}, so {benefit}.", "It is finished with {noun}, so {benefit}."],
         "material": ["The {material} brings a sense of quiet elegance to every detail."],
         "close": ["Pure, effortless luxury.", "Timeless, effortless luxury."],
         "extra": ["Each piece is finished by hand."],
@@ -281,8 +290,12 @@ def sample_description(attrs: dict[str, Any], rng: random.Random) -> str:
     """
     use, _, feature_phrases = _CATEGORIES[attrs["category"]]
     templates = _TONE_TEMPLATES[attrs["tone"]]
-    slots = {"category": attrs["category"], "material": attrs["material"],
-             "colour": attrs["colour"], "use": use}
+    slots = {
+        "category": attrs["category"],
+        "material": attrs["material"],
+        "colour": attrs["colour"],
+        "use": use,
+    }
     for slot in ("greet", "ideal", "made", "ready", "shaped"):
         if slot in templates:
             slots[slot.capitalize()] = slots[slot] = rng.choice(templates[slot])
@@ -299,15 +312,23 @@ def sample_description(attrs: dict[str, Any], rng: random.Random) -> str:
 
 
 def _attribute_key(attrs: dict[str, Any]) -> tuple:
-    return (attrs["category"], attrs["material"], attrs["colour"], tuple(sorted(attrs["features"])),
-            attrs["tone"], attrs["length"])
+    return (
+        attrs["category"],
+        attrs["material"],
+        attrs["colour"],
+        tuple(sorted(attrs["features"])),
+        attrs["tone"],
+        attrs["length"],
+    )
 
 
 def distinct_products() -> int:
     """How many different product prompts exist: more cannot be drawn without repeats."""
     per_look = len(_COLOURS) * len(TONES) * len(LENGTHS)
-    return per_look * sum(len(materials) * sum(math.comb(len(features), k) for k in (1, 2, 3))
-                          for _, materials, features in _CATEGORIES.values())
+    return per_look * sum(
+        len(materials) * sum(math.comb(len(features), k) for k in (1, 2, 3))
+        for _, materials, features in _CATEGORIES.values()
+    )
 
 
 def _unique_attributes(n: int, rng: random.Random) -> list[dict[str, Any]]:
@@ -330,8 +351,10 @@ def product_descriptions(n: int = 1000, seed: int = 0) -> list[Record]:
     Write a product description.
     """
     rng = random.Random(seed)
-    return [{"prompt": render_product_prompt(a), "completion": sample_description(a, rng)}
-            for a in _unique_attributes(n, rng)]
+    return [
+        {"prompt": render_product_prompt(a), "completion": sample_description(a, rng)}
+        for a in _unique_attributes(n, rng)
+    ]
 
 
 def product_agreement_bleu(n: int = 200, seed: int = 0) -> float:
@@ -413,8 +436,12 @@ def noisy_product_descriptions_jsonl(seed: int = 0) -> str:
         kind = kinds[i % len(kinds)]
         rows.append(_variant(rng.choice(accented if kind == "nfd" else originals), kind))
     for _ in range(NOISE_COUNTS["empty_prompt"]):
-        rows.append({"prompt": rng.choice(["", "  ", "\u200b", "\n"]),
-                     "completion": rng.choice(originals)["completion"]})
+        rows.append(
+            {
+                "prompt": rng.choice(["", "  ", "\u200b", "\n"]),
+                "completion": rng.choice(originals)["completion"],
+            }
+        )
     for _ in range(NOISE_COUNTS["empty_completion"]):
         rows.append({"prompt": rng.choice(originals)["prompt"], "completion": rng.choice(["", " "])})
     for r in rng.sample(originals, NOISE_COUNTS["too_long"]):
