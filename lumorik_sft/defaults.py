@@ -1,5 +1,7 @@
-"""Decisions made once for the whole package: fast mode, what precision 'auto' means, and the
-learning rate a model should be fine-tuned with.
+"""Decisions made once for the whole package: fast mode, precision, the recommended learning rate.
+
+What 'auto' precision means (and its autocast), and the learning rate a model should be
+fine-tuned with, are decided here and nowhere else.
 
 Every other module (the training loop, the demo, the base-model recipe, the notebooks' widgets)
 asks here instead of deciding again, so 'auto' or 'the recommended learning rate' means the same

@@ -7,6 +7,7 @@ rows line up. Greedy decoding is deterministic; sampling is seeded.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +25,21 @@ def _cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
         if t in eos_ids:
             return ids[:i]
     return ids
+
+
+class _ElidedMaskWarning(logging.Filter):
+    """Drops transformers' "passing in an `attention_mask`" warning, a false alarm here.
+
+    We always pass the mask. At a decoding step where it is all ones, transformers replaces it by
+    None (the causal kernel needs none), then sees a row whose last token is EOS (= pad: a row that
+    has finished) and warns that a mask is missing. Installed only while we generate.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "strongly recommend passing in an `attention_mask`" not in record.getMessage()
+
+
+_MODELING_LOGGER = logging.getLogger("transformers.modeling_utils")
 
 
 @torch.inference_mode()
@@ -60,6 +76,8 @@ def generate_completions(
     model.eval()
     outputs: list[str] = []
     starts = range(0, len(prompts), batch_size)
+    quiet = _ElidedMaskWarning()
+    _MODELING_LOGGER.addFilter(quiet)
     try:
         for start in tqdm(starts, desc="generate", disable=progress_quiet(progress), leave=False):
             batch = encode_prompts_for_generation(
@@ -83,5 +101,6 @@ def generate_completions(
                 tokenizer.decode(_cut_at_eos(row, eos_ids), skip_special_tokens=True).strip() for row in new
             ]
     finally:
+        _MODELING_LOGGER.removeFilter(quiet)
         model.train(was_training)
     return outputs

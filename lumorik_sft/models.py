@@ -110,8 +110,20 @@ def load_model_and_tokenizer(
     source = _check_model_folder(source)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model = _declare_causal_lm_loss(AutoModelForCausalLM.from_pretrained(source, **kwargs))
     return model.to(resolve_device(device)), tokenizer
+
+
+def _declare_causal_lm_loss(model: PreTrainedModel) -> PreTrainedModel:
+    """Name the loss of a causal LM whose class name transformers cannot map to one.
+
+    transformers 5 picks a model's loss from its class name; GPT-2's (`GPT2LMHeadModel`) matches
+    none, so the first ``model(..., labels=...)`` warns on stderr that it falls back to the
+    causal-LM loss. It is a causal LM: saying so silences nothing else and changes no number.
+    """
+    if getattr(model, "loss_type", "") is None:
+        model.loss_type = "ForCausalLM"
+    return model
 
 
 def _check_model_folder(source: str) -> str:
@@ -216,7 +228,7 @@ def build_model(
     """A randomly initialised causal LM, seeded so that two builds are identical."""
     config = model_config(arch, tokenizer, **size)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = _declare_causal_lm_loss(AutoModelForCausalLM.from_config(config))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model

@@ -60,3 +60,38 @@ def test_generation_restores_training_mode_and_guards_lengths(tiny_model, toy_to
 def test_cut_at_eos():
     assert _cut_at_eos([5, 6, 0, 7], {0}) == [5, 6]
     assert _cut_at_eos([5, 6], {0}) == [5, 6]
+
+
+def test_the_elided_mask_false_alarm_is_dropped_only_while_generating(tiny_model, toy_tokenizer, monkeypatch):
+    """transformers drops an all-ones mask at decoding steps, then warns that it is missing when a
+    finished row's last token is EOS (= pad). We pass the mask, so that warning is noise while we
+    generate; outside `generate_completions` the same message still reaches its logger."""
+    import logging
+
+    from transformers import PreTrainedModel
+
+    from lumorik_sft import generation
+
+    seen: list[str] = []
+
+    class Spy(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    message = "We strongly recommend passing in an `attention_mask` since your input_ids may be padded."
+
+    def warn(self, input_ids, attention_mask):  # what transformers does at such a step
+        generation._MODELING_LOGGER.warning(message)
+
+    monkeypatch.setattr(PreTrainedModel, "warn_if_padding_and_no_attention_mask", warn)
+    handler = Spy()
+    generation._MODELING_LOGGER.addHandler(handler)
+    try:
+        generate_completions(tiny_model, toy_tokenizer, ["a prompt", "another"], max_new_tokens=2)
+        assert seen == []
+        generation._MODELING_LOGGER.warning(message)
+        assert seen == [message]
+        generation._MODELING_LOGGER.warning("another warning")
+        assert seen[-1] == "another warning"
+    finally:
+        generation._MODELING_LOGGER.removeHandler(handler)

@@ -92,3 +92,19 @@ def test_a_home_relative_folder_opens(toy_tokenizer, tmp_path, monkeypatch):
     toy_tokenizer.save_pretrained(tmp_path / "m")
     model, _ = load_model_and_tokenizer("~/m", device="cpu")
     assert model.name_or_path == str(tmp_path / "m")
+
+
+def test_gpt2_declares_its_causal_lm_loss_so_labels_warn_nothing(toy_tokenizer, capfd):
+    """transformers 5 cannot map `GPT2LMHeadModel` to a loss by name and warns on the first
+    `model(labels=...)`; our models name it, and the loss is the causal-LM loss."""
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    model = build_model("gpt2", toy_tokenizer, n_layer=1, width=16, n_head=2, context=32).eval()
+    assert model.loss_type == "ForCausalLM"
+    assert model.loss_function is LOSS_MAPPING["ForCausalLM"]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    loss = model(input_ids=ids, labels=ids).loss
+    logits = model(input_ids=ids).logits
+    expected = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    torch.testing.assert_close(loss, expected)
+    assert "loss_type" not in capfd.readouterr().err

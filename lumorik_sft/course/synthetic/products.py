@@ -1,5 +1,7 @@
-"""The worked example's data: product-description pairs, and the noisy raw file of the curation
-lesson (duplicates, stray whitespace, empty fields, over-long rows, one malformed line)."""
+"""The worked example's data: product-description pairs, and the curation lesson's noisy raw file.
+
+The noisy file has duplicates, stray whitespace, empty fields, over-long rows and one malformed line.
+"""
 
 from __future__ import annotations
 
