@@ -6,6 +6,7 @@ curation, encoding, training, evaluation before and after, samples and a loss-cu
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -118,8 +119,8 @@ def run_demo(settings: DemoSettings, echo=print) -> dict[str, Any]:
     )
 
     n_gen = min(settings.n_generate, len(val_records))
-    echo(f"\n== 4a. Evaluation before SFT ({len(val_records)} validation pairs) ==")
-    before = evaluate_model(
+    evaluate = functools.partial(
+        evaluate_model,
         model,
         tokenizer,
         val_records,
@@ -127,7 +128,9 @@ def run_demo(settings: DemoSettings, echo=print) -> dict[str, Any]:
         n_generate=n_gen,
         max_new_tokens=settings.max_new_tokens,
         progress=settings.progress,
-    )
+    )  # the same evaluation before and after training
+    echo(f"\n== 4a. Evaluation before SFT ({len(val_records)} validation pairs) ==")
+    before = evaluate()
     echo(_metrics_line(before))
 
     lr = settings.learning_rate_for(source, model)
@@ -142,15 +145,7 @@ def run_demo(settings: DemoSettings, echo=print) -> dict[str, Any]:
         )
 
     echo("\n== 4b. Evaluation after SFT ==")
-    after = evaluate_model(
-        model,
-        tokenizer,
-        val_records,
-        max_length=settings.max_length,
-        n_generate=n_gen,
-        max_new_tokens=settings.max_new_tokens,
-        progress=settings.progress,
-    )
+    after = evaluate()
     echo(_metrics_line(after))
     echo(_comparison_table(before, after))
     echo("\n== Samples (validation prompts the model never trained on) ==")

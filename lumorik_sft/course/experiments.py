@@ -196,17 +196,21 @@ def lr_sweep(
     """One `run_sft` per learning rate, everything else equal (same data, order and seed)."""
     if not learning_rates:
         raise ValueError("learning_rates is empty; pass e.g. [5e-5, 1e-3, 1e-1]")
+    runs = [{"learning_rate": lr, "label": f"lr {lr:g}"} for lr in learning_rates]
+    return _runs(model_factory, tokenizer, train_examples, val_examples, runs, config)
+
+
+def _runs(
+    model_factory: ModelFactory,
+    tokenizer: PreTrainedTokenizerBase,
+    train_examples: Examples,
+    val_examples: Examples,
+    runs: Sequence[dict[str, Any]],
+    config: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """One `run_sft` per entry of `runs` (its settings over the shared `config`), in order."""
     return [
-        run_sft(
-            model_factory,
-            tokenizer,
-            train_examples,
-            val_examples,
-            learning_rate=lr,
-            label=f"lr {lr:g}",
-            **config,
-        )
-        for lr in learning_rates
+        run_sft(model_factory, tokenizer, train_examples, val_examples, **{**config, **run}) for run in runs
     ]
 
 
@@ -254,18 +258,8 @@ def epochs_comparison(
     Unlike reading epoch 1 off a longer run, this compares what you would actually get by
     stopping after one epoch: the 1-epoch run decays its learning rate to 0 within that epoch.
     """
-    return [
-        run_sft(
-            model_factory,
-            tokenizer,
-            train_examples,
-            val_examples,
-            epochs=n,
-            label=f"{n} epoch{'s' if n != 1 else ''}",
-            **config,
-        )
-        for n in epoch_counts
-    ]
+    runs = [{"epochs": n, "label": f"{n} epoch{'s' if n != 1 else ''}"} for n in epoch_counts]
+    return _runs(model_factory, tokenizer, train_examples, val_examples, runs, config)
 
 
 def batch_size_sweep_fixed_tokens(
