@@ -404,6 +404,22 @@ def test_solution_passes_and_stub_fails(name, solution_ns, exercise_ns, capsys):
         assert "not written yet (raised NotImplementedError)" in out
 
 
+def test_a_correct_split_passes_whatever_seed_the_grader_draws(solution_ns):
+    """The grader draws a secret seed per run: a correct solution must pass every one. With a single
+    other seed, a correct split gave the same val for it by chance in about 1 of 60 seeds and was
+    failed as "ignores its seed"."""
+    from lumorik_sft.course.checks.framework import judge, run_case
+
+    ex = checks.EXERCISES["leak_free_split"]
+    fn = solution_ns[ex.notebook][ex.symbol]
+    failed = []
+    for seed in range(300):
+        for case in ex.make_cases(seed):
+            if judge(ex, case, ex.reference(case), run_case(ex, fn, case)) is not None:
+                failed.append(seed)
+    assert failed == []
+
+
 @pytest.mark.parametrize(
     "name,index", [(n, i) for n, variants in WRONG.items() for i in range(len(variants))]
 )
