@@ -19,7 +19,7 @@ import pytest
 from test_checks import WRONG, WRONG_ANSWERS
 
 from lumorik_sft.course import checks, grading, sandbox
-from lumorik_sft.course.grading import GradingConfig, child, supervisor
+from lumorik_sft.course.grading import GradingConfig, child, session
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_TOTAL = sum(ex.points for ex in checks.EXERCISES.values())
@@ -124,10 +124,11 @@ HOSTILE = {
             NB1,
             append=(
                 # answers precomputed for the notebook check's cases (seed 0): useless against the secret seed
+                # (and in the grader's child the references are disabled, so the table is never built)
+                "def clean_and_dedupe(records):\n    return _TABLE.get(repr(records), [])",
                 "from lumorik_sft.course import checks as _c\n"
                 "_TABLE = {repr(case['records']): d for case in _c.EXERCISES['clean_and_dedupe'].make_cases(0)\n"
-                "          for d in [_c.EXERCISES['clean_and_dedupe'].reference(case)]}\n"
-                "def clean_and_dedupe(records):\n    return _TABLE.get(repr(records), [])",
+                "          for d in [_c.EXERCISES['clean_and_dedupe'].reference(case)]}",
                 # look for the solutions where the process could point: cwd and its parents, HOME, env, argv
                 "import os, sys, glob, json as _json\n"
                 "def leak_free_split(records, val_fraction=0.1, seed=0):\n"
@@ -226,9 +227,13 @@ def test_infinite_loops_time_out(graded):
     assert graded[0]["hostile_loop"].total == 3 + 2
 
 
-def test_huge_allocations_are_out_of_memory(graded):
-    assert _status(graded, "hostile_oom", "clean_and_dedupe") == "out of memory"
-    assert _status(graded, "hostile_oom", "collate") == "out of memory"
+def test_huge_allocations_fail_and_claim_no_status(graded):
+    # refused by the address-space limit inside the child: a MemoryError is data the child reports, so
+    # the status is the grader's "error", never a claimed "out of memory" (that status needs the grader
+    # to see the memory used: tests/test_grading_attacks.py)
+    clean = graded[0]["hostile_oom"].exercises["clean_and_dedupe"]
+    assert clean.status == "error" and "MemoryError" in " ".join(clean.feedback), clean.feedback
+    assert _status(graded, "hostile_oom", "collate") == "error"
     assert _status(graded, "hostile_oom", "leak_free_split") == "passed"
 
 
@@ -277,17 +282,21 @@ def test_gradebook_and_feedback_files(graded):
 
 
 def test_child_environment_points_nowhere_near_the_repo(tmp_path):
-    env = supervisor._child_env(tmp_path)
+    env = session.child_env(tmp_path)
     assert not any(str(ROOT) in value for value in env.values())
     assert "PYTHONPATH" not in env
 
 
-def test_checks_calls_and_magics_are_not_run():
+def test_checks_calls_are_not_run_and_magics_become_python_before_the_child():
+    from lumorik_sft.course.grading.submissions import cell_code
+
     ns: dict = {}
-    code = child._compile_cell("%matplotlib inline\nx = 1\nchecks.check_q1(x)\nok = checks.check_q2(x)\n", 0)
-    exec(code, ns)
+    source = cell_code("%matplotlib inline\nx = 1\nchecks.check_q1(x)\nok = checks.check_q2(x)\n")
+    exec(child._compile_cell(source, 0), ns)
     assert ns["x"] == 1 and "ok" not in ns
-    assert child._compile_cell("%%time\nx = 1", 1) is None
+    ns = {}
+    exec(child._compile_cell(cell_code("%%time\ny = 2"), 1), ns)
+    assert ns["y"] == 2  # a timed cell runs its body
 
 
 def test_cli_hooks_parse_and_reject_bad_values(tmp_path, capsys):
@@ -324,14 +333,14 @@ def test_the_child_imports_nothing_of_the_supervisor_or_the_cli():
 def test_the_child_process_loads_the_child_module_only():
     """Importing the child (as the bootstrap does) loads neither the supervisor, the CLI nor torch."""
     probe = (
-        "import json, sys\nfrom lumorik_sft.course.grading.child import _child_main\n"
+        "import json, sys\nfrom lumorik_sft.course.grading.child import _zygote_main\n"
         "print(json.dumps([m for m in sys.modules if m.startswith('lumorik_sft') or m == 'torch']))"
     )
     done = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     loaded = set(json.loads(done.stdout))
     assert loaded == {"lumorik_sft", "lumorik_sft.course", "lumorik_sft.course.grading", child.__name__}
-    assert child.__name__ in supervisor._BOOTSTRAP
+    assert child.__name__ in session._BOOTSTRAP
 
 
 @pytest.mark.parametrize("path", sorted(GRADING.glob("*.py")), ids=lambda p: p.name)

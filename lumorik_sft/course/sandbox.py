@@ -13,9 +13,14 @@ complete, so on Linux the child gets a whitelist instead (``unshare`` and ``chro
 * a private, writable home (``/home/student``) and ``/tmp`` inside that tmpfs (so writing files
   cannot fill the disk), a minimal ``/dev``, and a fresh ``/proc`` of a new PID namespace that
   shows only the child's own processes;
+* a network namespace of its own (``--net``): no interface but a loopback that is down, so no
+  route to the host's services, to the outside or to other students; and its own IPC and host name;
 * the student's interpreter then runs without the privileges to undo any of this (or to write into
-  the read-only mounts): as ``nobody`` when the grader is root and ``nobody`` can run Python,
-  otherwise with every capability dropped (``setpriv``).
+  the read-only mounts): as a user id of its own (just below ``nobody``, :func:`student_uid`) when
+  the grader is root and ``nobody`` can run Python, otherwise with every capability dropped
+  (``setpriv``);
+* the whole namespace dies with the grader's thread that started it, even on SIGKILL
+  (``setpriv --pdeathsig`` and ``unshare --kill-child``).
 
 Which kind works depends on the machine (containers may forbid namespaces), so :func:`detect`
 probes them once, strongest first; ``"none"`` falls back to a plain child process, with a warning
@@ -35,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["HOME", "NOBODY", "Sandbox", "detect", "visible_paths"]
+__all__ = ["HOME", "NOBODY", "Sandbox", "detect", "student_uid", "visible_paths"]
 
 NOBODY = 65534  # uid and gid of `nobody` on Linux
 HOME = Path("/home/student")  # the child's home; its working directory is HOME / "work"
@@ -56,12 +61,17 @@ _ETC = (
 _DEVICES = ("null", "zero", "full", "random", "urandom")
 _TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 _DESCRIPTIONS = {
-    "nobody": "own root filesystem (Python and lumorik_sft only, read-only) and PID namespace; "
-    "student code runs as user nobody",
-    "no-capabilities": "own root filesystem (Python and lumorik_sft only, read-only) and PID "
-    "namespace; student code runs without capabilities",
+    "nobody": "own root filesystem (Python and lumorik_sft only, read-only), PID and network "
+    "namespaces; student code runs as an unprivileged user of its own",
+    "no-capabilities": "own root filesystem (Python and lumorik_sft only, read-only), PID and "
+    "network namespaces; student code runs without capabilities",
     "none": "no isolation: student code may be able to read the solutions",
 }
+
+
+def student_uid(slot: int) -> int:
+    """The user id of the student graded in worker `slot`: ids just below ``nobody``, owned by no one."""
+    return NOBODY - 1 - slot
 
 
 def _tool(name: str) -> str:
@@ -100,15 +110,23 @@ class Sandbox:
     def description(self) -> str:
         return _DESCRIPTIONS[self.kind]
 
-    def command(self, argv: Sequence[str], scratch: Path) -> list[str]:
-        """`argv` wrapped to run isolated; `scratch` (an empty folder) becomes the child's root."""
+    def command(self, argv: Sequence[str], scratch: Path, uid: int = NOBODY) -> list[str]:
+        """`argv` wrapped to run isolated; `scratch` (an empty folder) becomes the child's root.
+
+        The student's process runs as `uid` (kind ``nobody``): one id per student graded at the same
+        time, so a per-user limit (``RLIMIT_NPROC``) counts one student's processes only. The
+        command dies with the thread that started it (``--pdeathsig``), and everything in the
+        namespaces dies with it (``--kill-child``), even when the grader is killed outright.
+        """
+        die_with_parent = [_tool("setpriv"), "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
         if not self.isolated:
-            return list(argv)
-        prefix = [_tool("unshare")]
+            return [*die_with_parent, *argv]
+        prefix = [*die_with_parent, _tool("unshare")]
         if self.user_namespace:
             prefix += ["--user", "--map-root-user"]
-        prefix += ["--mount", "--propagation", "private", "--pid", "--fork", "--"]
-        return [*prefix, "/bin/sh", "-c", self._script(argv, scratch)]
+        prefix += ["--mount", "--propagation", "private", "--pid", "--net", "--ipc", "--uts"]
+        prefix += ["--fork", "--kill-child", "--"]
+        return [*prefix, "/bin/sh", "-c", self._script(argv, scratch, uid)]
 
     def exit_code(self, code: int | None) -> int | None:
         """The student's process's exit status: the shell reports death by signal N as 128 + N."""
@@ -116,7 +134,7 @@ class Sandbox:
             return -(code - 128)
         return code
 
-    def _script(self, argv: Sequence[str], scratch: Path) -> str:
+    def _script(self, argv: Sequence[str], scratch: Path, uid: int) -> str:
         q = shlex.quote
         root = q(str(scratch))
         mount, chroot = _tool("mount"), _tool("chroot")
@@ -141,8 +159,8 @@ class Sandbox:
         lines.append(f"{mount} -t proc proc {root}/proc")
         lines.append(f"chmod 1777 {root}/tmp {root}/dev/shm")
         if self.kind == "nobody":
-            lines.append(f"chown -R {NOBODY}:{NOBODY} {q(str(scratch) + str(HOME))}")
-            drop = [_tool("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+            lines.append(f"chown -R {uid}:{uid} {q(str(scratch) + str(HOME))}")
+            drop = [_tool("setpriv"), f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
         else:
             drop = [_tool("setpriv"), "--inh-caps=-all", "--bounding-set=-all"]
         run = [

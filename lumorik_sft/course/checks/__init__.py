@@ -13,8 +13,9 @@ The instructor grader (:mod:`lumorik_sft.course.grading`) uses the same :data:`E
 What is where:
 
 * :mod:`.framework`: the machinery (:class:`Exercise`, :class:`Chapter`, :func:`run_case`, the
-  tripwire that catches calls to the references, :func:`judge`, :func:`to_data`) and what the
-  chapters share (:data:`TOY_TEXTS`, :func:`toy_tokenizer`, helpers to make cases);
+  in-place disabling of the references (:func:`.framework.disable`), :func:`judge`,
+  :func:`to_data`) and what the chapters share (:data:`TOY_TEXTS`, :func:`toy_tokenizer`,
+  helpers to make cases);
 * one module per notebook, each exercise's cases, reference, run and compare functions followed
   by its registration: :mod:`.ch01_data` (``01_data_curation.ipynb``), :mod:`.ch02_encoding`
   (``02_tokenization.ipynb``), :mod:`.ch03_training` (``03_training_loop.ipynb``),

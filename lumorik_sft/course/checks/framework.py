@@ -8,11 +8,12 @@ An exercise is one :class:`Exercise`, made of four pure pieces:
   floats, dicts: tensors become lists, see :func:`to_data`);
 * ``compare(case, expected, got)`` -> ``None`` when right, else one actionable line.
 
-:func:`run_case` calls ``run`` with a tripwire that notes calls to the package's references (the
-exercise's ``forbidden`` functions); :func:`judge` turns one case's expected and got data into
-feedback, and :func:`check_exercise` runs all of an exercise's cases in this process and prints
-the feedback a notebook shows. The instructor grader (:mod:`lumorik_sft.course.grading`) calls
-``run_case`` in a sandboxed child process and ``reference`` and ``judge`` in its own.
+:func:`run_case` calls ``run`` while the package's references (the exercise's ``forbidden``
+functions) are disabled in place (:func:`disable`), however the student's code reaches them;
+:func:`judge` turns one case's expected and got data into feedback, and :func:`check_exercise`
+runs all of an exercise's cases in this process and prints the feedback a notebook shows. The
+instructor grader (:mod:`lumorik_sft.course.grading`) calls ``run_case`` in a sandboxed child
+process and ``reference`` and ``judge`` in its own.
 
 Each chapter module (``ch01_data.py`` ...) declares its exercises through a :class:`Chapter`,
 next to the functions they name. This module also holds what chapters share: the toy corpus
@@ -28,6 +29,7 @@ import importlib
 import math
 import random
 import traceback
+import types
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +44,8 @@ __all__ = [
     "NotData",
     "check_exercise",
     "close",
+    "disable",
+    "forbidden_targets",
     "is_raised",
     "judge",
     "make_check",
@@ -49,6 +53,8 @@ __all__ = [
     "not_a_number",
     "one_case",
     "raised",
+    "reference_message",
+    "resolve",
     "run_answer",
     "run_case",
     "sentence",
@@ -208,62 +214,103 @@ def not_a_number(symbol: str, got: Any) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------- tripwire
+# ------------------------------------------------------------------------- disabling the references
 
 
-class _Tripwire:
-    """While active, calls to the named package functions (the references) are recorded.
+USED_REFERENCE = " is the package's reference for exercise "  # the marker run_case looks for
 
-    ``"lumorik_sft.data:split_records"`` replaces the module attribute, and any copy a student
-    imported into their function's globals, with a recording wrapper; all are restored on exit.
+
+def reference_message(label: str, exercise: str) -> str:
+    """What a disabled reference raises: it names the function and the exercise it answers."""
+    return f"{label}{USED_REFERENCE}{exercise}: write it yourself (disabled while {exercise} is checked)"
+
+
+def _functions_of(obj: Any) -> list[types.FunctionType]:
+    """The Python functions that make up `obj`: itself, or a class's methods (inherited by subclasses)."""
+    if isinstance(obj, types.FunctionType):
+        return [obj]
+    found: list[types.FunctionType] = []
+    if isinstance(obj, type):
+        for value in vars(obj).values():
+            if isinstance(value, (staticmethod, classmethod)):
+                value = value.__func__
+            if isinstance(value, property):
+                parts = (value.fget, value.fset, value.fdel)
+                found += [f for f in parts if isinstance(f, types.FunctionType)]
+            elif isinstance(value, types.FunctionType):
+                found.append(value)
+    return found
+
+
+def _stub_code(fn: types.FunctionType, message: str | None) -> types.CodeType:
+    """Code for `fn` that raises ``RuntimeError(message)`` (returns None when message is None).
+
+    It keeps `fn`'s number of free variables, which CPython requires of a new ``__code__``.
     """
+    free = [f"_free{i}" for i in range(len(fn.__code__.co_freevars))]
+    body = f"raise RuntimeError({message!r})" if message is not None else "return None"
+    source = "def _outer():\n"
+    source += "".join(f"    {name} = None\n" for name in free)
+    source += "    def stub(*args, **kwargs):\n"
+    source += f"        {', '.join(free)}\n" if free else ""
+    source += f"        {body}\n    return stub\n"
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "<disabled by the grader>", "exec"), namespace)
+    code = namespace["_outer"]().__code__
+    return code.replace(co_name=fn.__code__.co_name, co_qualname=fn.__code__.co_qualname)
 
-    def __init__(self, forbidden: Sequence[str], fn_globals: dict | None) -> None:
-        self.forbidden, self.fn_globals = list(forbidden), fn_globals
-        self.hits: list[str] = []
-        self._undo: list[tuple[Any, str, Any, bool]] = []
 
-    def __enter__(self) -> _Tripwire:
-        for spec in self.forbidden:
-            module_name, attr = spec.split(":")
-            try:
-                module = importlib.import_module(module_name)
-                original = getattr(module, attr)
-            except (ImportError, AttributeError):
-                continue
-            wrapper = self._wrap(f"{module_name}.{attr}", original)
-            self._patch(module, attr, wrapper, is_dict=False)
-            if self.fn_globals is not None:
-                for name, value in list(self.fn_globals.items()):
-                    if value is original:
-                        self._patch(self.fn_globals, name, wrapper, is_dict=True)
-        return self
+def resolve(spec: str) -> Any:
+    """The object named by ``"module:attribute"``, or None when it does not exist."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        return None
 
-    def _wrap(self, label: str, original: Callable) -> Callable:
-        hits = self.hits
 
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if label not in hits:
-                hits.append(label)
-            return original(*args, **kwargs)
+def disable(targets: Sequence[tuple[str, Any]], exercise: str | None) -> Callable[[], None]:
+    """Make each ``(label, object)`` raise :func:`reference_message` (or do nothing when `exercise`
+    is None) wherever it is reached; returns the function that undoes it.
 
-        return wrapper
+    Why in place: the function objects themselves get new code, so every way of reaching them
+    changes with them: a module attribute, an alias (``import ... as``), a name imported into a
+    notebook, a default argument bound earlier (``def f(records, _curate=data.curate)``), a
+    closure, a subclass, and the package's own functions that call them.
+    """
+    undo: list[tuple[types.FunctionType, types.CodeType]] = []
+    for label, obj in targets:
+        functions = _functions_of(obj)
+        if not functions:
+            raise TypeError(f"{label} is not a Python function or class, so it cannot be disabled")
+        message = reference_message(label, exercise) if exercise is not None else None
+        for fn in functions:
+            undo.append((fn, fn.__code__))
+            fn.__code__ = _stub_code(fn, message)
 
-    def _patch(self, target: Any, name: str, value: Any, *, is_dict: bool) -> None:
-        old = target[name] if is_dict else getattr(target, name)
-        self._undo.append((target, name, old, is_dict))
-        if is_dict:
-            target[name] = value
-        else:
-            setattr(target, name, value)
+    def restore() -> None:
+        for fn, code in reversed(undo):
+            fn.__code__ = code
+        undo.clear()
 
-    def __exit__(self, *exc: object) -> None:
-        for target, name, old, is_dict in reversed(self._undo):
-            if is_dict:
-                target[name] = old
-            else:
-                setattr(target, name, old)
-        self._undo.clear()
+    return restore
+
+
+def forbidden_targets(ex: Exercise) -> list[tuple[str, Any]]:
+    """The exercise's ``forbidden`` references that exist, as ``(label, object)``."""
+    out = []
+    for spec in ex.forbidden:
+        obj = resolve(spec)
+        if obj is not None:
+            out.append((spec.replace(":", "."), obj))
+    return out
+
+
+def _used_reference(out: Any) -> str | None:
+    """The label of the disabled reference whose error `out` reports, if it does."""
+    if is_raised(out) and out["raised"] == "RuntimeError" and USED_REFERENCE in out.get("message", ""):
+        return out["message"].split(USED_REFERENCE, 1)[0]
+    return None
 
 
 # --------------------------------------------------------------------------------------- exercises
@@ -312,9 +359,11 @@ class Chapter:
 def run_case(ex: Exercise, obj: Any, case: dict[str, Any], fn_globals: dict | None = None) -> Any:
     """Run one case; returns data, or ``{"raised": ...}`` when the student's code raised.
 
-    Calls to the exercise's reference are noted as ``{"used_reference": [...]}``.
-    Exceptions and SystemExit are caught (a check never ends the notebook's process); the
-    grader's child also handles timeouts and a dying process.
+    While it runs, the exercise's ``forbidden`` references raise (:func:`disable`, however the
+    student's code reaches them); a call that reached one is reported as ``{"used_reference":
+    [...]}``. Exceptions and SystemExit are caught (a check never ends the notebook's process); the
+    grader's child also handles timeouts and a dying process. `fn_globals` is accepted for callers
+    of older versions and not needed.
     """
     if ex.kind == "answer":
         try:
@@ -323,15 +372,15 @@ def run_case(ex: Exercise, obj: Any, case: dict[str, Any], fn_globals: dict | No
             return raised(err)
     if obj is None or not callable(obj):
         return {"raised": "NameError", "message": f"{ex.symbol} is not defined (or not a function)"}
-    globals_ = fn_globals if fn_globals is not None else getattr(obj, "__globals__", None)
-    with _Tripwire(ex.forbidden, globals_) as wire:
-        try:
-            out = ex.run(obj, copy.deepcopy(case))
-        except (Exception, SystemExit) as err:
-            out = raised(err)
-    if wire.hits:
-        return {"used_reference": wire.hits}
-    return out
+    restore = disable(forbidden_targets(ex), ex.name)
+    try:
+        out = ex.run(obj, copy.deepcopy(case))
+    except (Exception, SystemExit) as err:
+        out = raised(err)
+    finally:
+        restore()
+    label = _used_reference(out)
+    return {"used_reference": [label]} if label else out
 
 
 def judge(ex: Exercise, case: dict[str, Any], expected: Any, got: Any) -> str | None:

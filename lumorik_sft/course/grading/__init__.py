@@ -5,12 +5,19 @@
 (or `lumorik-sft grade ...`). ``SUBMISSIONS`` holds
 one folder per student with their copies of the exercise notebooks, under the same file names; a
 missing notebook scores 0 for its exercises. Writes ``OUT/gradebook.csv`` (a row per student, a column
-per exercise, a total), ``OUT/feedback/<student>.md`` and ``OUT/results.json``.
+per exercise, a total), ``OUT/feedback/<student>.md``, ``OUT/results.json`` and ``OUT/skipped.txt``
+(every entry of SUBMISSIONS that was not graded, and why).
 
-Three modules, on the two sides of a trust boundary:
+The modules, on the two sides of a trust boundary:
 
-* :mod:`~lumorik_sft.course.grading.supervisor`, the instructor's side: the hidden cases, one
-  sandboxed child per student, the watchdog, judging, and the files written;
+* :mod:`~lumorik_sft.course.grading.supervisor`, the instructor's side: the hidden cases, the
+  class in parallel, judging, and the files written; :mod:`~lumorik_sft.course.grading.session`
+  (one student's sandbox, jobs, deadlines and budgets), :mod:`~lumorik_sft.course.grading.channel`
+  (one request, one answer) and :mod:`~lumorik_sft.course.grading.limits` (cgroups, rlimits, the
+  memory watch) under it;
+* :mod:`~lumorik_sft.course.grading.submissions` (finding students, reading notebooks without
+  following links, cell magics) and :mod:`~lumorik_sft.course.grading.report` (escaped feedback,
+  unique file names, a formula-free CSV, the skip report), the supervisor's input and output;
 * :mod:`~lumorik_sft.course.grading.child`, the only code that runs beside a student's code (its
   docstring says what it trusts and what it sends back); it imports neither of the others;
 * :mod:`~lumorik_sft.course.grading.cli`, the command line.
@@ -18,32 +25,63 @@ Three modules, on the two sides of a trust boundary:
 This package imports them only when one of its names is used, so that the child's process loads
 the child module and nothing of the supervisor.
 
-How a verdict is made, and why student code cannot change it:
+Threat model. The student is an adversary who controls every byte of their notebooks and
+therefore everything that runs in the child's processes: they may read ``sys.argv``, the stack and
+every descriptor, patch any module, fork, sleep, flood stdout/stderr, exhaust memory, write to the
+grader's pipes, or call ``os._exit``. The instructor's machine and the other students must not
+suffer, and no grade may move without the work being done. What the grader guarantees (each claim
+is tested in ``tests/test_grading_attacks.py`` and ``tests/test_grading.py``):
 
-1. The grader draws a secret seed per run (``--seed`` only for reproducing a run) and builds every
-   exercise's hidden cases with the same ``make_cases`` the notebook checks use
-   (:mod:`lumorik_sft.course.checks`); answers precomputed for the check cases do not help.
-2. Each student's code runs in ONE fresh interpreter (``sys.executable -I``), in an empty temporary
-   working directory, with a scrubbed environment (no path to the solutions or the submissions), an
-   address-space limit (``RLIMIT_AS``), a CPU-time limit, a per-exercise alarm inside the child, and a
-   per-phase watchdog in the parent that kills the whole process group. On Linux it also runs in
-   its own root filesystem and PID namespace (:mod:`lumorik_sft.course.sandbox`): only the system, Python
-   and the ``lumorik_sft`` package directory are there, read-only, so ``solutions/``, ``.git``, other
-   students' work and the gradebook do not exist for it; the student's code runs as ``nobody`` or
-   without capabilities, so it cannot undo that. The child receives the
-   notebooks' code and the hidden inputs on stdin; it runs the code cells (minus magics and the
-   ``checks.`` calls, each cell in its own try/except), calls the student's functions on the inputs and
-   writes their outputs back as JSON data on a dedicated pipe, one record per exercise. Nothing is
-   unpickled, and stdout is discarded (printing "passed" is noise).
-3. The grader computes the expected outputs with the package's reference functions and compares them
-   with the returned data in its own process (``checks.judge``): monkeypatching
-   ``lumorik_sft.course.checks`` or a reference inside the child changes nothing here. In the child,
-   those modules are also restored from a snapshot before each exercise, and calling the reference
-   an exercise mirrors fails it.
-4. If the child dies (``os._exit``, a segfault, the OOM killer) or hangs, the exercise in progress gets
-   ``error``, ``out of memory`` or ``timeout`` and a fresh child goes on with the remaining ones.
+1. **Verdicts are the grader's.** The hidden cases come from a secret seed per run; the expected
+   outputs are computed in the grader, with the package's references, never in the child; the
+   child returns plain JSON data that is judged in the grader (``checks.judge``).
+2. **The channel cannot be forged** (:mod:`.channel`, :mod:`.session`). Each exercise is a job in a
+   fresh process with pipes of its own; the grader sends the notebook's code, then, only once the
+   cells have run, that exercise's hidden cases, each request with a fresh random id, and accepts
+   exactly one answer per request, in order, before its own deadline. A record nobody asked for, a
+   second record, garbage or an oversized record ends the student's run with ``error``. Writing a
+   record yourself therefore gains nothing your function could not have returned.
+3. **Statuses are observed, not claimed.** ``timeout`` means the grader's clock ran out (or the
+   child's alarm fired after the grader saw that much time pass); ``out of memory`` means the
+   kernel killed one of the student's processes for memory while the exercise ran (their cgroup's
+   OOM-kill counter; the answer, if any, is void) or the grader's memory watch fired; a
+   ``{"oom": true}`` or a MemoryError from the child is an ordinary failed case.
+4. **The package's answers are disabled where they would answer.** Before any student code runs
+   in a job, the functions an exercise forbids (``forbidden=`` in ``checks/ch*.py``) and every
+   exercise's reference are given new code in place (``checks.framework.disable``), so every way of
+   reaching them raises: a module attribute, an alias, a default argument bound earlier, a closure,
+   a holder object, a subclass, a package function that calls them. Other jobs keep them, so a
+   later exercise may use an earlier one's answer as a helper (``build_batches`` uses ``curate``).
+5. **Time is bounded** by the grader: a timeout per exercise and per cell, a wall-clock budget per
+   notebook and per student that no message from the child moves; when a budget runs out the
+   student's whole sandbox is killed, so a class of N students on W workers takes at most about
+   N x ``student_budget`` / W plus one budget.
+6. **Resources are bounded per student** (:mod:`.limits`): one cgroup per student (memory and
+   process count for all their processes together) where ``/sys/fs/cgroup`` is writable, else
+   ``RLIMIT_NPROC`` under a user id of the student's own, ``RLIMIT_FSIZE``, ``RLIMIT_AS`` per
+   process and a watch of the total resident memory; stdout is discarded and stderr is read into a
+   few kilobytes of memory, never onto the disk; a network namespace with no route out
+   (:mod:`lumorik_sft.course.sandbox`); the solutions, the checkout, other students and the
+   gradebook are not in the child's filesystem.
+7. **State does not cross jobs.** Each job's process is forked from a zygote that never ran
+   student code, after the previous job's processes are killed and its files removed: environment
+   variables, the working directory, hooks and patches of one notebook cannot reach the next.
+8. **Stopping is clean.** SIGINT/SIGTERM kills every sandbox (and a killed grader takes them along,
+   ``--pdeathsig``), deletes the scratch folder and writes the gradebook of the students finished
+   so far with ``INCOMPLETE.txt``; the gradebook is rewritten as each student finishes.
 
-Statuses: passed, failed, error, timeout, out of memory, missing. Each exercise earns
+What it cannot do, and does not claim: it cannot tell who wrote a correct answer. A student who
+copies the answer's source (from the package, which students have, or from a classmate), or who
+digs the original function out of the interpreter (``gc``, reloading or ``exec``-ing the package's
+source) to get around the disabled copy, has reproduced the answer: that is plagiarism, visible in
+the submission, not something a sandbox decides. The answers of the question exercises (``q1``...)
+are constants in the checks, which students can read. Without namespaces (macOS, some containers)
+the solutions may be readable and students graded at the same time could reach each other, and
+without cgroups the memory limit is sampled, so a burst between two samples can pass it (the
+grader warns, and ``results.json`` records ``isolation`` and ``limits``).
+
+Statuses: passed, failed, error, timeout, out of memory, missing, symlink (a notebook or folder
+that is a link, never followed: see :mod:`.submissions`). Each exercise earns
 ``points * passed_cases / cases``. One student's failure never stops the others.
 """
 
@@ -57,6 +95,7 @@ if TYPE_CHECKING:
     from lumorik_sft.course.grading.supervisor import (
         ExerciseGrade,
         GradingConfig,
+        GradingStopped,
         StudentGrade,
         grade,
         grade_student,
@@ -65,6 +104,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ExerciseGrade",
     "GradingConfig",
+    "GradingStopped",
     "StudentGrade",
     "add_arguments",
     "grade",
@@ -77,6 +117,7 @@ __all__ = [
 _WHERE = {
     "ExerciseGrade": "supervisor",
     "GradingConfig": "supervisor",
+    "GradingStopped": "supervisor",
     "StudentGrade": "supervisor",
     "grade": "supervisor",
     "grade_student": "supervisor",

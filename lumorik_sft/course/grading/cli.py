@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from lumorik_sft.course.grading.supervisor import GradingConfig, grade
+from lumorik_sft.course.grading import report
+from lumorik_sft.course.grading.supervisor import INCOMPLETE_FILE, GradingConfig, GradingStopped, grade
 
 __all__ = ["add_arguments", "main", "run_from_args"]
 
@@ -36,7 +38,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--memory-mb",
         type=int,
         default=GradingConfig.memory_mb,
-        help="address-space limit of each student's process in MB (default: %(default)s)",
+        help="memory of all of one student's processes together, in MB (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--notebook-budget",
+        type=float,
+        default=GradingConfig.notebook_budget,
+        help="wall-clock seconds for all the exercises of one notebook (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--student-budget",
+        type=float,
+        default=GradingConfig.student_budget,
+        help="wall-clock seconds for one student, whatever their code does; the class takes at most "
+        "about students x this / workers (default: %(default)s)",
     )
     parser.add_argument(
         "--exercise",
@@ -66,25 +81,39 @@ def run_from_args(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown exercise(s) {', '.join(unknown)}; choose from {', '.join(checks.EXERCISES)}")
         return 2
-    if args.workers < 1 or args.timeout <= 0 or args.memory_mb < 512:
-        print("--workers must be >= 1, --timeout > 0 and --memory-mb >= 512")
+    budgets = (args.timeout, args.notebook_budget, args.student_budget)
+    if args.workers < 1 or min(budgets) <= 0 or args.memory_mb < 512:
+        print("--workers must be >= 1, --timeout and the budgets > 0 and --memory-mb >= 512")
         return 2
-    config = GradingConfig(timeout=args.timeout, memory_mb=args.memory_mb, isolate=not args.no_isolation)
-    start = time.perf_counter()
-    students = grade(
-        args.submissions,
-        args.out,
-        workers=args.workers,
-        config=config,
-        seed=args.seed,
-        exercises=args.exercise,
-        progress=not args.no_progress,
+    config = GradingConfig(
+        timeout=args.timeout,
+        memory_mb=args.memory_mb,
+        isolate=not args.no_isolation,
+        notebook_budget=args.notebook_budget,
+        student_budget=args.student_budget,
     )
+    start = time.perf_counter()
+    try:
+        students = grade(
+            args.submissions,
+            args.out,
+            workers=args.workers,
+            config=config,
+            seed=args.seed,
+            exercises=args.exercise,
+            progress=not args.no_progress,
+        )
+    except GradingStopped as stopped:  # SIGINT/SIGTERM: the partial gradebook is written
+        print(f"{stopped}; partial gradebook in {args.out} (see {INCOMPLETE_FILE})")
+        return 128 + stopped.signum
     seconds = time.perf_counter() - start
-    for s in students:
+    for s in students:  # a folder name is student text: escapes shown, never sent to the terminal
         statuses = ", ".join(f"{g.name}={g.status}" for g in s.exercises.values() if g.status != "passed")
-        print(f"{s.student}: {s.total:g}" + (f"  ({statuses})" if statuses else ""))
+        print(f"{report.visible(s.student)}: {s.total:g}" + (f"  ({statuses})" if statuses else ""))
     print(f"graded {len(students)} student(s) in {seconds:.1f} s; wrote {args.out}/gradebook.csv")
+    skipped = Path(args.out) / report.SKIPPED_FILE  # what was not graded, and why (escaped)
+    if skipped.is_file():
+        print(skipped.read_text(encoding="utf-8").rstrip())
     for name in args.exercise or checks.EXERCISES:
         if checks.EXERCISES[name].review:
             print(f"read by hand: {name}: {checks.EXERCISES[name].review}")

@@ -1,54 +1,75 @@
-"""The grader's side: find the submissions, run each student in a sandboxed child, judge, write results.
+"""The grader's side: find the submissions, run each student in a sandbox, judge, write results.
 
-For each student folder, :func:`grade_student` reads the notebooks' code cells, starts a child
-(:mod:`lumorik_sft.course.grading.child`) in a fresh interpreter inside the sandbox
-(:mod:`lumorik_sft.course.sandbox`), with the hidden cases on its stdin, follows the records on its
-result pipe with a per-phase watchdog (a hang or a crash fails only the exercise in progress, and a
-fresh child goes on with the rest), and judges the returned outputs against expected outputs
-computed here, never in the child. :func:`grade` does this for a whole class in parallel and writes
-``gradebook.csv``, ``feedback/<student>.md`` and ``results.json``.
+For each student folder, :func:`grade_student` reads the notebooks' code cells and hands one job
+per exercise to :func:`.session.run_jobs`, which runs them in a sandbox of the student's own
+(:mod:`lumorik_sft.course.sandbox`, :mod:`.limits`): a fresh process per job, forked from one in
+which no student code ever ran (:mod:`.child`), the hidden cases sent only once the notebook's
+cells have run, exactly one answer accepted per request before the grader's own deadline
+(:mod:`.channel`). The outputs are judged here against expected outputs computed here, never in
+the child. :func:`grade` does this for a whole class in parallel, writes the gradebook as each
+student finishes, and on SIGINT/SIGTERM kills every sandbox, deletes its scratch folder and leaves
+a partial gradebook marked incomplete.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
-import os
+import queue
 import re
 import secrets
-import select
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lumorik_sft.course import sandbox
-from lumorik_sft.course.grading.child import MAX_RECORD_BYTES, is_oom
+from lumorik_sft.course.checks.framework import USED_REFERENCE
+from lumorik_sft.course.grading import limits, report
+from lumorik_sft.course.grading.session import Job, JobOutcome, Stopped, run_jobs
+from lumorik_sft.course.grading.submissions import find_students, read_notebooks
 from lumorik_sft.course.sandbox import Sandbox
 
-__all__ = ["ExerciseGrade", "GradingConfig", "StudentGrade", "grade", "grade_student"]
+__all__ = ["ExerciseGrade", "GradingConfig", "GradingStopped", "StudentGrade", "grade", "grade_student"]
 
-_GRACE_S = 5.0  # the parent's watchdog allows this much beyond the child's own alarm
+INCOMPLETE_FILE = "INCOMPLETE.txt"  # in the output folder while (or because) grading did not finish
 
 
 @dataclass(frozen=True)
 class GradingConfig:
-    """Limits for one student's child process."""
+    """Limits for one student: time per exercise, budgets, and resources shared by all their processes."""
 
     timeout: float = 20.0  # seconds per exercise (all its cases) and per notebook cell
-    memory_mb: int = 4096  # address space; importing torch alone maps ~2.2 GB
-    startup_timeout: float = 180.0  # interpreter start and imports, under load
-    max_restarts: int = 8  # fresh children after a crash/hang, per student
+    memory_mb: int = 4096  # resident memory of all of a student's processes together
+    startup_timeout: float = 120.0  # interpreter start and imports, under load
+    max_restarts: int = 8  # fresh sandboxes after a crash/hang, per student
     isolate: bool = True  # namespaces that hide the solutions (course.sandbox), where available
+    notebook_budget: float = 180.0  # wall-clock seconds for all the jobs of one notebook
+    student_budget: float = 600.0  # wall-clock seconds for one student, whatever happens
+    max_processes: int = 64  # processes and threads of one student
+    file_mb: int = 64  # the largest file one of the student's processes may write
+    cgroups: bool = True  # per-student cgroups where the machine allows; else the fallback watch
+
+    @property
+    def limits(self) -> limits.Limits:
+        cpu = int(self.student_budget) + 60  # a per-process backstop; the deadlines come first
+        return limits.Limits(self.memory_mb, self.max_processes, self.file_mb, cpu)
+
+
+class GradingStopped(Exception):
+    """SIGINT or SIGTERM stopped :func:`grade`; the partial gradebook is written."""
+
+    def __init__(self, signum: int, students: list[StudentGrade]) -> None:
+        super().__init__(f"grading stopped by signal {signum} after {len(students)} student(s)")
+        self.signum, self.students = signum, students
 
 
 @dataclass
@@ -100,222 +121,22 @@ def _make_plan(seed: int, names: Sequence[str] | None = None) -> _Plan:
     return _Plan(chosen, cases, expected)
 
 
-def _child_env(home: Path) -> dict[str, str]:
-    """Only what the interpreter needs: no PYTHONPATH, no path to solutions or submissions."""
-    return {
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(home),
-        "TMPDIR": str(home),
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "HF_HOME": str(home / "hf"),
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "MPLBACKEND": "Agg",
-        "TQDM_DISABLE": "1",
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-
-
-_BOOTSTRAP = """
-import resource, sys
-limit = int(sys.argv[1]) * 1024 * 1024
-resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-cpu = int(sys.argv[2])
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
-from lumorik_sft.course.grading.child import _child_main
-_child_main(int(sys.argv[3]))
-"""
-
-
-@dataclass
-class _ChildRun:
-    records: list[dict[str, Any]]
-    finished: bool
-    phase: dict[str, Any] | None  # what was running when the child died
-    death: str  # "", "timeout", "out of memory", "error"
-    detail: str
-
-
-def _read_stderr_tail(path: Path, n: int = 2000) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - n))
-            return fh.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL cannot be ignored
-        proc.wait(timeout=10)
-
-
-def _run_child(job: dict[str, Any], config: GradingConfig, scratch: Path, box: Sandbox) -> _ChildRun:
-    """Start one child on `job`, follow its records with per-phase deadlines, classify its end."""
-    private = Path(tempfile.mkdtemp(dir=scratch, prefix="run-"))
-    root = private / "root"  # the child's root filesystem when isolated (see lumorik_sft.course.sandbox)
-    if box.isolated:
-        root.mkdir()
-        home = sandbox.HOME  # as the child sees it; the sandbox's shell changes into HOME / "work"
-        work = Path("/")
-    else:
-        home = private / "home"
-        work = home / "work"
-        work.mkdir(parents=True)
-    job_path = private / "job.json"
-    job_path.write_text(json.dumps(job), encoding="utf-8")
-    stderr_path = private / "stderr.txt"
-    n_cells = sum(len(cells) for cells in job["notebooks"].values())
-    cpu_budget = int(config.startup_timeout + config.timeout * (len(job["exercises"]) + n_cells + 2) + 30)
-    read_fd, write_fd = os.pipe()
-    with open(job_path, "rb") as stdin, open(stderr_path, "wb") as stderr:
-        argv = [sys.executable, "-I", "-c", _BOOTSTRAP, str(config.memory_mb), str(cpu_budget), str(write_fd)]
-        proc = subprocess.Popen(
-            box.command(argv, root),
-            stdin=stdin,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            cwd=work,
-            env=_child_env(home),
-            pass_fds=(write_fd,),
-            start_new_session=True,
-            close_fds=True,
-        )
-    os.close(write_fd)
-    records: list[dict[str, Any]] = []
-    phase: dict[str, Any] | None = {"phase": "startup"}
-    deadline = time.monotonic() + config.startup_timeout
-    buffer = b""
-    killed_for_time = False
-    finished = False
-    received = 0
-    try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                killed_for_time = True
-                _kill(proc)
-                break
-            ready, _, _ = select.select([read_fd], [], [], min(remaining, 1.0))
-            if not ready:
-                continue
-            chunk = os.read(read_fd, 1 << 16)
-            if not chunk:
-                break
-            received += len(chunk)
-            if received > MAX_RECORD_BYTES * 4:
-                _kill(proc)
-                phase = phase or {}
-                phase["overflow"] = True
-                break
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # not ours (or garbled): ignored
-                if not isinstance(record, dict):
-                    continue
-                event = record.get("event")
-                if event == "begin":
-                    phase = record
-                    limit = (
-                        config.timeout * (record.get("n_cells", 0) + 1)
-                        if record.get("phase") == "load"
-                        else config.timeout
-                    )
-                    deadline = time.monotonic() + limit + _GRACE_S
-                elif event in ("loaded", "result"):
-                    records.append(record)
-                    phase = None
-                    deadline = time.monotonic() + config.timeout + _GRACE_S
-                elif event == "ready":
-                    phase = None
-                    deadline = time.monotonic() + config.timeout + _GRACE_S
-                elif event == "done":
-                    finished = True
-    finally:
-        os.close(read_fd)
-        if proc.poll() is None:
-            try:
-                proc.wait(timeout=10 if finished else 0.5)
-            except subprocess.TimeoutExpired:
-                _kill(proc)
-        tail = _read_stderr_tail(stderr_path)
-        shutil.rmtree(private, ignore_errors=True)
-    if finished:
-        return _ChildRun(records, True, None, "", "")
-    code = box.exit_code(proc.returncode)
-    if killed_for_time or code in (-signal.SIGXCPU, -signal.SIGALRM):
-        death, detail = "timeout", "did not finish in time (the process was stopped)"
-    elif phase and phase.get("overflow"):
-        death, detail = "error", "wrote too much data to the grader's channel"
-    elif (
-        "MemoryError" in tail
-        or "Cannot allocate memory" in tail
-        or "bad_alloc" in tail
-        or code == -signal.SIGKILL
-    ):
-        death, detail = "out of memory", f"the process ran out of memory (limit {config.memory_mb} MB)"
-    elif code is not None and code < 0:
-        death, detail = "error", f"the process crashed (signal {-code})"
-    else:
-        death, detail = (
-            "error",
-            (
-                f"the process ended (exit code {code}) before finishing: "
-                "did the code call os._exit() or exit the interpreter?"
-            ),
-        )
-    if phase and phase.get("phase") == "startup":
-        detail += f"\n{tail.strip()[-600:]}"
-    return _ChildRun(records, False, phase, death, detail)
-
-
-def _read_notebooks(folder: Path, names: Sequence[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Code cells of each present notebook, and why each other one is missing or unreadable."""
-    import nbformat
-
-    cells, problems = {}, {}
-    for name in names:
-        path = folder / name
-        if not path.is_file():
-            problems[name] = "missing"
-            continue
-        try:
-            if path.stat().st_size > 20 * 1024 * 1024:
-                raise ValueError("larger than 20 MB")
-            nb = nbformat.read(path, as_version=4)
-            cells[name] = [c.source for c in nb.cells if c.cell_type == "code"]
-        except Exception as err:  # malformed JSON, wrong format: that notebook scores 0
-            problems[name] = f"could not read the notebook: {type(err).__name__}: {str(err)[:200]}"
-    return cells, problems
-
-
-def _judge_exercise(grade: ExerciseGrade, ex: Any, cases: list, expected: list, outputs: list) -> None:
+def _judge_exercise(
+    grade: ExerciseGrade, ex: Any, cases: list, expected: list, outcome: JobOutcome, timeout: float
+) -> None:
+    """Verdicts from the child's outputs, judged here. Statuses come from what the grader saw:
+    a case the child calls timed out counts as "timeout" only if the grader's clock saw the
+    exercise's time pass; any other claim (``{"oom": true}``, a MemoryError) is just a failed case."""
     from lumorik_sft.course import checks
 
     grade.n_cases = len(cases)
-    feedback, passed, timeouts, ooms, raised = [], 0, 0, 0, 0
+    outputs = outcome.outputs or []
+    feedback, passed, timeouts, raised = [], 0, 0, 0
     for i, case in enumerate(cases):
         got = outputs[i] if i < len(outputs) else {"timeout": True}
-        if isinstance(got, dict) and got.get("timeout"):
+        if got == {"timeout": True}:
             timeouts += 1
-            feedback.append(f"case {i}: timed out")
-            continue
-        if is_oom(got):
-            ooms += 1
-            feedback.append(f"case {i}: ran out of memory")
+            feedback.append(f"case {i}: did not finish in time")
             continue
         line = checks.judge(ex, case, expected[i], got)
         if line is None:
@@ -325,13 +146,11 @@ def _judge_exercise(grade: ExerciseGrade, ex: Any, cases: list, expected: list, 
             feedback.append(f"case {i}: {line}")
     grade.passed_cases = passed
     grade.score = round(ex.points * passed / len(cases), 4) if cases else 0.0
-    if timeouts:
+    if timeouts and outcome.seconds >= timeout:
         grade.status = "timeout"
-    elif ooms:
-        grade.status = "out of memory"
     elif passed == len(cases):
         grade.status = "passed"
-    elif passed == 0 and raised == len(cases):
+    elif passed == 0 and raised + timeouts == len(cases):
         grade.status = "error"
     else:
         grade.status = "failed"
@@ -357,8 +176,15 @@ def grade_student(
     config: GradingConfig,
     scratch: str | Path,
     box: Sandbox | None = None,
+    *,
+    uid: int = sandbox.NOBODY,
+    cgroup_version: int | None = None,
+    stop: threading.Event | None = None,
 ) -> StudentGrade:
-    """Grade one student's folder; never raises for anything the student's code does."""
+    """Grade one student's folder; never raises for anything the student's code does.
+
+    Raises :class:`.session.Stopped` when `stop` is set (the student's sandbox is gone by then).
+    """
     from lumorik_sft.course import checks
 
     start = time.monotonic()
@@ -367,142 +193,67 @@ def grade_student(
     grades = {n: ExerciseGrade(n, ex.notebook, ex.points) for n, ex in exercises.items()}
     result = StudentGrade(folder.name, grades)
     notebooks = list(dict.fromkeys(ex.notebook for ex in exercises.values()))
-    cells, problems = _read_notebooks(folder, notebooks)
+    # Read without following any link, magics turned into Python (see :mod:`.submissions`).
+    cells, problems = read_notebooks(folder, notebooks)
     for name, problem in problems.items():
         for g in grades.values():
             if g.notebook == name:
-                g.status = "missing" if problem == "missing" else "error"
-                g.feedback = [f"{name} is missing from the submission" if problem == "missing" else problem]
+                g.status = problem.status  # "missing", "symlink" or "error"
+                missing = problem.status == "missing"
+                g.feedback = [f"{name} is missing from the submission" if missing else problem.message]
                 g.n_cases = len(plan.cases[g.name])
-    remaining = [n for n in plan.names if exercises[n].notebook in cells]
-    outputs: dict[str, list] = {}
-    attempts = 0
-    while remaining and attempts <= config.max_restarts:
-        attempts += 1
-        job = {
-            "timeout": config.timeout,
-            "notebooks": {nb: cells[nb] for nb in dict.fromkeys(exercises[n].notebook for n in remaining)},
-            "exercises": [
-                {
-                    "name": n,
-                    "notebook": exercises[n].notebook,
-                    "symbol": exercises[n].symbol,
-                    "kind": exercises[n].kind,
-                    "cases": plan.cases[n],
-                }
-                for n in remaining
-            ],
-        }
-        run = _run_child(job, config, Path(scratch), box or Sandbox("none"))
-        for record in run.records:
-            if record.get("event") == "result" and record.get("exercise") in grades:
-                outputs[record["exercise"]] = record.get("outputs", [])
-            elif record.get("event") == "loaded" and record.get("errors"):
-                shown = "; ".join(record["errors"][:3])
-                result.notes.append(f"{record.get('notebook')}: cells that raised while loading: {shown}")
-        done = set(outputs)
-        if not run.finished:
-            culprit = run.phase or {}
-            if culprit.get("phase") == "exercise" and culprit.get("exercise") in grades:
-                victims = [culprit["exercise"]]
-            elif culprit.get("phase") == "load":
-                victims = [
-                    n for n in remaining if exercises[n].notebook == culprit.get("notebook") and n not in done
-                ]
-            else:  # startup failed, or the end came between phases: give up on what is left
-                victims = [n for n in remaining if n not in done]
-            for n in victims:
-                g = grades[n]
-                g.status, g.n_cases, g.score = run.death, len(plan.cases[n]), 0.0
-                where = "while loading its notebook" if culprit.get("phase") == "load" else "while running it"
-                g.feedback = [f"{where}: {run.detail}"]
-                done.add(n)
-        remaining = [n for n in remaining if n not in done]
-    for n in remaining:  # restarts exhausted
-        grades[n].status, grades[n].feedback = (
-            "error",
-            ["not graded: too many crashes of the grading process"],
-        )
-    for n, outs in outputs.items():
-        _judge_exercise(grades[n], exercises[n], plan.cases[n], plan.expected[n], outs)
+    jobs = [
+        Job(n, exercises[n].notebook, cells[exercises[n].notebook], plan.cases[n])
+        for n in plan.names
+        if exercises[n].notebook in cells
+    ]
+    box = box or Sandbox("none")
+    outcomes = run_jobs(jobs, config, box, Path(scratch), uid=uid, cgroup_version=cgroup_version, stop=stop)
+    noted: set[tuple[str, str]] = set()
+    for job in jobs:
+        outcome, g = outcomes[job.name], grades[job.name]
+        # once per notebook; a cell that failed only because this job's reference was disabled is no news
+        errors = [
+            e for e in outcome.load_errors if (job.notebook, e) not in noted and USED_REFERENCE not in e
+        ]
+        noted.update((job.notebook, e) for e in errors)
+        if errors:
+            result.notes.append(f"{job.notebook}: cells that raised while loading: {'; '.join(errors[:3])}")
+        if outcome.outputs is not None:
+            ex = exercises[job.name]
+            _judge_exercise(g, ex, job.cases, plan.expected[job.name], outcome, config.timeout)
+        else:
+            g.status, g.n_cases, g.score = outcome.death, len(job.cases), 0.0
+            where = {"load": "while loading its notebook: ", "run": "while running it: "}.get(
+                outcome.phase, ""
+            )
+            g.feedback = [where + outcome.detail]
     result.seconds = round(time.monotonic() - start, 2)
     return result
 
 
 def _safe_name(name: str) -> str:
-    return re.sub(r"[^\w.-]", "_", name) or "_"
+    """One student's feedback file stem; a class's files come from ``report.feedback_files`` (unique)."""
+    return report.feedback_stem(name)
 
 
 def _feedback_markdown(student: StudentGrade, max_total: float) -> str:
+    """The student's text escaped or fenced: see :mod:`.report`."""
     from lumorik_sft.course import checks
 
-    lines = [
-        f"# Feedback for {student.student}",
-        "",
-        f"**Total: {student.total:g} / {max_total:g}**",
-        "",
-        "| exercise | notebook | status | score | cases passed |",
-        "|---|---|---|---|---|",
-    ]
-    for g in student.exercises.values():
-        lines.append(
-            f"| {g.name} | {g.notebook} | {g.status} | {g.score:g} / {g.points:g} | "
-            f"{g.passed_cases}/{g.n_cases} |"
-        )
-    details = [g for g in student.exercises.values() if g.status != "passed"]
-    if details:
-        lines += ["", "## What to fix", ""]
-        for g in details:
-            lines.append(f"### {g.name} ({g.status})")
-            lines += [f"- {f}" for f in g.feedback] or ["- (no details)"]
-            lines.append("")
-    reviewed = [g for g in student.exercises.values() if checks.EXERCISES[g.name].review]
-    if reviewed:
-        lines += ["## Read by hand", ""]
-        lines += [f"- {g.name}: {checks.EXERCISES[g.name].review}" for g in reviewed]
-        lines.append("")
-    if student.notes:
-        lines += ["## Notes", ""] + [f"- {n}" for n in student.notes]
-    return "\n".join(lines).rstrip() + "\n"
+    reviews = {n: checks.EXERCISES[n].review for n in student.exercises if checks.EXERCISES[n].review}
+    return report.feedback_markdown(student, max_total, reviews)
 
 
 def _write_outputs(
     out: Path, plan: _Plan, students: list[StudentGrade], seed_note: str, isolation: str
 ) -> None:
+    """gradebook.csv (no formulas), unique feedback files, results.json: see :mod:`.report`."""
     from lumorik_sft.course import checks
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "feedback").mkdir(exist_ok=True)
-    max_total = sum(checks.EXERCISES[n].points for n in plan.names)
-    with open(out / "gradebook.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["student", *plan.names, "total"])
-        for s in students:
-            writer.writerow([s.student, *(f"{s.exercises[n].score:g}" for n in plan.names), f"{s.total:g}"])
-    for s in students:
-        (out / "feedback" / f"{_safe_name(s.student)}.md").write_text(
-            _feedback_markdown(s, max_total), encoding="utf-8"
-        )
-    summary = {
-        "max_total": max_total,
-        "seed": seed_note,
-        "isolation": isolation,
-        "points": {n: checks.EXERCISES[n].points for n in plan.names},
-        "review": {n: checks.EXERCISES[n].review for n in plan.names if checks.EXERCISES[n].review},
-        "students": [
-            {
-                "student": s.student,
-                "total": s.total,
-                "seconds": s.seconds,
-                "notes": s.notes,
-                "exercises": {n: asdict(g) for n, g in s.exercises.items()},
-            }
-            for s in students
-        ],
-    }
-    (out / "results.json").write_text(
-        json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    points = {n: checks.EXERCISES[n].points for n in plan.names}
+    reviews = {n: checks.EXERCISES[n].review for n in plan.names if checks.EXERCISES[n].review}
+    report.write_outputs(out, students, points, reviews, seed_note, isolation)
 
 
 def grade(
@@ -515,52 +266,182 @@ def grade(
     exercises: Sequence[str] | None = None,
     progress: bool = True,
 ) -> list[StudentGrade]:
-    """Grade every student folder under `submissions` in parallel; write the gradebook and feedback."""
-    from tqdm.auto import tqdm
+    """Grade every student folder under `submissions` in parallel; write the gradebook and feedback.
 
+    The gradebook is rewritten as each student finishes. SIGINT or SIGTERM (received in the main
+    thread) stops it: every sandbox is killed, the scratch folder deleted, the gradebook of the
+    students graded so far written with ``INCOMPLETE.txt``, and :class:`GradingStopped` raised.
+    """
     config = config or GradingConfig()
     root = Path(submissions)
     if not root.is_dir():
         raise FileNotFoundError(f"submissions folder {root} does not exist")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders, skipped = find_students(root, output=out)  # real folders only; links are never followed
+    report.write_skipped(out, skipped, root)  # before grading, so an interrupted run has it too
+    if skipped:
+        where = Path(out) / report.SKIPPED_FILE
+        print(f"warning: {len(skipped)} entry(ies) of {root} not graded (see {where})", file=sys.stderr)
     if not folders:
         raise FileNotFoundError(f"no student folders in {root} (expected one folder per student)")
     seed_note = "fixed (--seed)" if seed is not None else "secret"
     seed = secrets.randbits(63) if seed is None else seed
     plan = _make_plan(seed, exercises)
-    results: dict[str, StudentGrade] = {}
-    scratch = Path(tempfile.mkdtemp(prefix="lumorik-grade-"))
     box = sandbox.detect() if config.isolate else Sandbox("none")
     if not box.isolated:
         why = "turned off" if not config.isolate else "namespaces are not available on this machine"
         print(f"warning: {box.description} ({why})", file=sys.stderr)
+    cgroup_version = limits.detect() if config.cgroups else None
+    note = _limits_note(cgroup_version, box, config.cgroups)
+    if cgroup_version is None:
+        print(f"warning: {note}", file=sys.stderr)
+    writer = _Progress(Path(out), plan, folders, seed_note, box.description, note)
+    writer.write({})  # an interrupted run leaves a gradebook marked incomplete from the start
+    stop, caught = threading.Event(), []
+    scratch = Path(tempfile.mkdtemp(prefix="lumorik-grade-"))
     try:
-        with (
-            ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
-            tqdm(total=len(folders), desc="grading", unit="student", disable=not progress) as bar,
-        ):
-            futures = {pool.submit(grade_student, f, plan, config, scratch, box): f for f in folders}
-            for future in as_completed(futures):
-                folder = futures[future]
-                try:
-                    results[folder.name] = future.result()
-                except Exception as err:  # a grader bug for one student must not stop the class
-                    from lumorik_sft.course import checks
-
-                    grades = {
-                        n: ExerciseGrade(
-                            n,
-                            checks.EXERCISES[n].notebook,
-                            checks.EXERCISES[n].points,
-                            status="error",
-                            feedback=[f"grader error: {err!r}"],
-                        )
-                        for n in plan.names
-                    }
-                    results[folder.name] = StudentGrade(folder.name, grades, [f"grader error: {err!r}"])
-                bar.update(1)
+        with _stop_on_signals(stop, caught):
+            results = _grade_all(
+                folders, plan, config, scratch, box, cgroup_version, stop, workers, progress, writer
+            )
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    ordered = [results[f.name] for f in folders]
-    _write_outputs(Path(out), plan, ordered, seed_note, box.description)
+        shutil.rmtree(scratch, ignore_errors=True)  # the sandboxes are gone by now
+    ordered = writer.write(results)
+    if len(ordered) < len(folders):
+        raise GradingStopped(caught[0] if caught else signal.SIGINT, ordered)
     return ordered
+
+
+def _limits_note(cgroup_version: int | None, box: Sandbox, wanted: bool = True) -> str:
+    """How the per-student limits are enforced on this machine (results.json, warnings)."""
+    if cgroup_version is not None:
+        return f"per-student memory and process limits by cgroup v{cgroup_version}"
+    why = "this machine's /sys/fs/cgroup is not writable for memory and pids" if wanted else "turned off"
+    nproc = "RLIMIT_NPROC under the student's own user id" if box.kind == "nobody" else "no process limit"
+    return (
+        f"no per-student cgroup ({why}): the memory of all the student's processes is sampled and "
+        f"the sandbox killed over the limit; {nproc}"
+    )
+
+
+class _Progress:
+    """Writes the gradebook as students finish; ``INCOMPLETE.txt`` says who is not graded (yet)."""
+
+    def __init__(
+        self, out: Path, plan: _Plan, folders: list[Path], seed_note: str, isolation: str, note: str
+    ):
+        self.out, self.plan, self.folders = out, plan, folders
+        self.seed_note, self.isolation, self.note = seed_note, isolation, note
+        self.lock = threading.Lock()
+
+    def write(self, results: dict[str, StudentGrade]) -> list[StudentGrade]:
+        with self.lock:
+            done = [results[f.name] for f in self.folders if f.name in results]
+            missing = [f.name for f in self.folders if f.name not in results]
+            _write_outputs(self.out, self.plan, done, self.seed_note, self.isolation)
+            self._mark(missing)
+            return done
+
+    def _mark(self, missing: list[str]) -> None:
+        path = self.out / "results.json"
+        with contextlib.suppress(OSError, ValueError):
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            summary.update(complete=not missing, not_graded=missing, limits=self.note)
+            path.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        marker = self.out / INCOMPLETE_FILE
+        if not missing:
+            marker.unlink(missing_ok=True)
+            return
+        lines = [f"Grading did not finish: {len(self.folders) - len(missing)} of {len(self.folders)} graded."]
+        lines += ["Not graded (no row in gradebook.csv):", *(f"- {report.visible(name)}" for name in missing)]
+        marker.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event, caught: list[int]) -> Iterator[None]:
+    """SIGINT and SIGTERM set `stop` (from the main thread only; elsewhere nothing is installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        caught.append(signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def _grade_all(
+    folders: list[Path],
+    plan: _Plan,
+    config: GradingConfig,
+    scratch: Path,
+    box: Sandbox,
+    cgroup_version: int | None,
+    stop: threading.Event,
+    workers: int,
+    progress: bool,
+    writer: _Progress,
+) -> dict[str, StudentGrade]:
+    """Grade in parallel until done or `stop`; each worker slot has its own student user id."""
+    from tqdm.auto import tqdm
+
+    slots: queue.Queue[int] = queue.Queue()
+    for slot in range(max(1, workers)):
+        slots.put(slot)
+
+    def one(folder: Path) -> StudentGrade:
+        slot = slots.get()
+        try:
+            uid = sandbox.student_uid(slot)
+            return grade_student(
+                folder, plan, config, scratch, box, uid=uid, cgroup_version=cgroup_version, stop=stop
+            )
+        finally:
+            slots.put(slot)
+
+    results: dict[str, StudentGrade] = {}
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    futures = {pool.submit(one, f): f for f in folders}
+    pending: set[Future] = set(futures)
+    try:
+        with tqdm(total=len(folders), desc="grading", unit="student", disable=not progress) as bar:
+            while pending and not stop.is_set():
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    _collect(future, futures[future], plan, results)
+                    bar.update(1)
+                    writer.write(results)
+    finally:
+        stop.set()  # workers still running kill their sandboxes and return
+        pool.shutdown(wait=True, cancel_futures=True)
+        for future in pending:
+            if future.done() and not future.cancelled():
+                _collect(future, futures[future], plan, results)
+    return results
+
+
+def _collect(future: Future, folder: Path, plan: _Plan, results: dict[str, StudentGrade]) -> None:
+    """A finished student's grade; a grader bug becomes "error" for that student only."""
+    from lumorik_sft.course import checks
+
+    try:
+        results[folder.name] = future.result()
+    except Stopped:
+        return
+    except Exception as err:  # a grader bug for one student must not stop the class
+        grades = {
+            n: ExerciseGrade(
+                n,
+                checks.EXERCISES[n].notebook,
+                checks.EXERCISES[n].points,
+                status="error",
+                feedback=[f"grader error: {err!r}"],
+            )
+            for n in plan.names
+        }
+        results[folder.name] = StudentGrade(folder.name, grades, [f"grader error: {err!r}"])
