@@ -102,6 +102,25 @@ def test_check_notebook_finds_each_problem(tmp_path: Path):
     assert "cell 2: error output: ZeroDivisionError: division by zero" in problems[1]
 
 
+def test_check_notebook_finds_stderr_warnings_and_printed_tracebacks(tmp_path: Path):
+    def printed(text: str, name: str = "stdout"):
+        out = nbformat.v4.new_output("stream", name=name, text=text)
+        return nbformat.v4.new_code_cell("x", execution_count=1, outputs=[out])
+
+    clean = printed("val loss 0.668, 8.7 s\nno warnings here: the word Warning alone is fine\n")
+    assert check_notebook(_write(tmp_path, [clean])) == []
+    cells = [
+        printed("[transformers] `loss_type=None` was set\n", name="stderr"),
+        printed("ok\n/x.py:3: UserWarning: bf16 is emulated\n"),
+        printed("Traceback (most recent call last):\n  File ...\n"),
+    ]
+    problems = check_notebook(_write(tmp_path, cells))
+    assert len(problems) == 3, problems
+    assert "cell 0: stderr output: [transformers] `loss_type=None`" in problems[0]
+    assert "cell 1: a warning or traceback in the output: UserWarning: bf16 is emulated" in problems[1]
+    assert "cell 2: a warning or traceback in the output: Traceback" in problems[2]
+
+
 def test_check_notebook_limits_output_size(tmp_path: Path):
     big = nbformat.v4.new_code_cell(
         "print('x' * 3_000_000)",

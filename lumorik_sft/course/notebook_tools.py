@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -175,6 +176,8 @@ def check_notebook(path: str | os.PathLike, *, max_output_bytes: int = MAX_OUTPU
     """Problems that make a committed notebook unfit: an empty list means it is fine.
 
     - a code cell with an error output (a traceback was committed);
+    - a code cell that wrote to stderr, or printed a traceback or a Python warning
+      (``UserWarning: ...``): a student should never meet noise we shipped;
     - a code cell with source but no execution count (never run, or run out of order and
       cleared);
     - more than `max_output_bytes` of outputs in total (2 MB by default).
@@ -199,6 +202,8 @@ def check_notebook(path: str | os.PathLike, *, max_output_bytes: int = MAX_OUTPU
             if out.get("output_type") == "error":
                 message = f"{out.get('ename', 'Error')}: {out.get('evalue', '')}".strip()
                 problems.append(f"{nb_path}: cell {index}: error output: {message}")
+            elif (noise := _noise(out)) is not None:
+                problems.append(f"{nb_path}: cell {index}: {noise}")
     size = output_bytes(nb)
     if size > max_output_bytes:
         problems.append(
@@ -206,6 +211,21 @@ def check_notebook(path: str | os.PathLike, *, max_output_bytes: int = MAX_OUTPU
             f"{max_output_bytes / 1e6:.2f} MB allowed; shrink figures or printed tables"
         )
     return problems
+
+
+_WARNING = re.compile(r"\b[A-Z]\w*Warning: |^Traceback \(most recent call last\)", re.MULTILINE)
+
+
+def _noise(out: dict[str, Any]) -> str | None:
+    """What is wrong with one output: stderr, or a traceback or warning printed to stdout."""
+    text = out.get("text", "")
+    text = "".join(text) if isinstance(text, list) else str(text)
+    first = text.strip().splitlines()[0][:120] if text.strip() else ""
+    if out.get("output_type") == "stream" and out.get("name") == "stderr":
+        return f"stderr output: {first}"
+    if match := _WARNING.search(text):
+        return f"a warning or traceback in the output: {text[match.start() :].splitlines()[0][:120]}"
+    return None
 
 
 # ------------------------------------------------------------------------------------ command line
