@@ -518,6 +518,7 @@ def plot_val_losses(runs: Sequence[Mapping[str, Any]], *, ax: Any = None, title:
         ax.axhline(before[0], linestyle="--", color="grey", label=f"before training {before[0]:.3f}")
         ax.legend(loc="lower right")
     ax.set_ylim(0, top * 1.08)
+    ax.set_xlabel("run")
     ax.set_ylabel("validation loss (lower is better)")
     ax.set_title(title or "validation loss after training")
     ax.tick_params(axis="x", labelrotation=15)

@@ -113,3 +113,46 @@ def plot_loss_curves(history: Any, *, ax: Axes | None = None, path: str | Path |
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
     return fig  # type: ignore[return-value]
+
+
+def figure_problems(fig: Figure) -> list[str]:
+    """What makes a figure hard to read: an axis without a label or title, tick labels that overlap,
+    a legend drawn over data points. An empty list means none of these; tests run it on every
+    figure helper of the course.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    problems = []
+    for i, ax in enumerate(fig.axes):
+        name = f"axes {i} ({ax.get_title() or 'untitled'})"
+        if not ax.get_title() and not fig.get_suptitle():
+            problems.append(f"{name}: no title")
+        for axis, label in (("x", ax.get_xlabel()), ("y", ax.get_ylabel())):
+            if not label.strip():
+                problems.append(f"{name}: no {axis} label")
+        problems += [f"{name}: {p}" for p in _overlapping_ticks(ax, renderer)]
+        legend = ax.get_legend()
+        if legend is not None:
+            box = legend.get_window_extent(renderer)
+            covered = sum(
+                box.contains(x, y)
+                for line in ax.get_lines()
+                for x, y in line.get_transform().transform(line.get_xydata())
+                if line.get_visible() and line.get_marker() not in ("None", "", None)
+            )
+            if covered:
+                problems.append(f"{name}: the legend covers {covered} marked data point(s)")
+    return problems
+
+
+def _overlapping_ticks(ax: Axes, renderer: Any) -> list[str]:
+    out = []
+    for axis_name, ticks in (("x", ax.get_xticklabels()), ("y", ax.get_yticklabels())):
+        boxes = [t.get_window_extent(renderer) for t in ticks if t.get_visible() and t.get_text()]
+        for a, b in zip(boxes, boxes[1:], strict=False):
+            if a.overlaps(b):
+                out.append(f"{axis_name} tick labels overlap")
+                break
+    return out
