@@ -232,19 +232,6 @@ def grade_student(
     return result
 
 
-def _safe_name(name: str) -> str:
-    """One student's feedback file stem; a class's files come from ``report.feedback_files`` (unique)."""
-    return report.feedback_stem(name)
-
-
-def _feedback_markdown(student: StudentGrade, max_total: float) -> str:
-    """The student's text escaped or fenced: see :mod:`.report`."""
-    from lumorik_sft.course import checks
-
-    reviews = {n: checks.EXERCISES[n].review for n in student.exercises if checks.EXERCISES[n].review}
-    return report.feedback_markdown(student, max_total, reviews)
-
-
 def _write_outputs(
     out: Path, plan: _Plan, students: list[StudentGrade], seed_note: str, isolation: str
 ) -> None:
