@@ -114,6 +114,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     records = data.read_records(args.data).records
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    aliases = getattr(args, "fact_aliases", None)  # the course's front door supplies its data's aliases
     report = evaluate_model(
         model,
         tokenizer,
@@ -121,6 +122,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         n_generate=args.n_generate,
         max_new_tokens=args.max_new_tokens,
+        fact_aliases=aliases() if callable(aliases) else aliases,
     )
     out = {k: v for k, v in report.to_dict().items() if k not in ("predictions", "references", "prompts")}
     print(json.dumps(out, indent=2))
@@ -214,10 +216,13 @@ def add_core_commands(subparsers: argparse._SubParsersAction) -> None:
     add_dataclass_arguments(settings, TrainConfig, aliases=TRAIN_FLAG_ALIASES, required=["output_dir"])
     p.set_defaults(func=_cmd_train)
 
-    p = subparsers.add_parser("eval", help="perplexity, BLEU and ROUGE of a model on a JSONL file")
+    p = subparsers.add_parser(
+        "eval",
+        help="perplexity, BLEU, ROUGE, chrF, stop rate, distinct-2 and (course formats) fact fidelity",
+    )
     add_model_argument(p)
     p.add_argument("--data", required=True, help="JSONL with prompt and completion")
-    p.add_argument("--n-generate", type=int, default=100, help="pairs to generate for BLEU/ROUGE")
+    p.add_argument("--n-generate", type=int, default=100, help="pairs to generate for the output metrics")
     p.add_argument("--max-new-tokens", type=int, default=96, help="generation length cap")
     p.add_argument(
         "--max-length",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -19,12 +20,12 @@ from lumorik_sft.models import context_length, prepare_tokenizer  # context_leng
 from lumorik_sft.progress import progress_quiet
 
 
-def _cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
-    """New tokens up to, not including, the first EOS: the model said it was done."""
+def _cut_at_eos(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    """New tokens up to, not including, the first EOS, and whether there was one (it stopped)."""
     for i, t in enumerate(ids):
         if t in eos_ids:
-            return ids[:i]
-    return ids
+            return ids[:i], True
+    return ids, False
 
 
 class _ElidedMaskWarning(logging.Filter):
@@ -42,8 +43,22 @@ class _ElidedMaskWarning(logging.Filter):
 _MODELING_LOGGER = logging.getLogger("transformers.modeling_utils")
 
 
-@torch.inference_mode()
 def generate_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    **options: Any,
+) -> list[str]:
+    """Generate one completion per prompt (greedy by default, or seeded sampling).
+
+    ``options`` are :func:`generate_with_stops`'s keywords (max_new_tokens, do_sample, ...).
+    """
+    texts, _ = generate_with_stops(model, tokenizer, prompts, **options)
+    return texts
+
+
+@torch.inference_mode()
+def generate_with_stops(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
@@ -57,8 +72,11 @@ def generate_completions(
     batch_size: int = 16,
     separator: str = DEFAULT_SEPARATOR,
     progress: bool = False,
-) -> list[str]:
-    """Generate one completion per prompt (greedy by default, or seeded sampling)."""
+) -> tuple[list[str], list[bool]]:
+    """Completions, and for each whether the model ended it (EOS) before ``max_new_tokens``.
+
+    A model that never emits EOS runs every answer to the limit: the stop flags show it.
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     prepare_tokenizer(tokenizer)
@@ -75,6 +93,7 @@ def generate_completions(
     was_training = model.training
     model.eval()
     outputs: list[str] = []
+    stopped: list[bool] = []
     starts = range(0, len(prompts), batch_size)
     quiet = _ElidedMaskWarning()
     _MODELING_LOGGER.addFilter(quiet)
@@ -96,11 +115,11 @@ def generate_completions(
                 eos_token_id=tokenizer.eos_token_id,
                 **(sampling if do_sample else {}),
             )
-            new = out[:, batch["input_ids"].shape[1] :].tolist()
-            outputs += [
-                tokenizer.decode(_cut_at_eos(row, eos_ids), skip_special_tokens=True).strip() for row in new
-            ]
+            for row in out[:, batch["input_ids"].shape[1] :].tolist():
+                ids, ended = _cut_at_eos(row, eos_ids)
+                outputs.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+                stopped.append(ended)
     finally:
         _MODELING_LOGGER.removeFilter(quiet)
         model.train(was_training)
-    return outputs
+    return outputs, stopped

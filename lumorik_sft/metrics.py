@@ -1,4 +1,4 @@
-"""Loss, perplexity, BLEU and ROUGE for supervised fine-tuning, done right.
+"""Loss, perplexity, BLEU, ROUGE, chrF, fact fidelity, stop rate and distinct-n, done right.
 
 The chapter's worked example, with the arithmetic fixed (it rounds each term first
 and reports a sum of 4.01):
@@ -18,6 +18,10 @@ perplexities (`mean_of_batch_perplexities`, kept only to show the difference).
 over supervised tokens. Training runs `fused_loss.completion_nll`, the same numbers with less
 work; its tests compare it with this one.
 
+BLEU, ROUGE and chrF reward shared wording; they cannot tell a right fact from a wrong one.
+`fact_fidelity` (from `lumorik_sft.fidelity`) checks the facts the prompt gives; `stop_rate` and
+`distinct_n` catch the two classic failures of a small generator: never stopping, repeating itself.
+
 Run the doctests with ``python -m doctest lumorik_sft/metrics.py``.
 """
 
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 
 from lumorik_sft.attention import model_inputs
 from lumorik_sft.encoding import IGNORE_INDEX
+from lumorik_sft.fidelity import FidelityReport, fact_fidelity  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # evaluate pulls in datasets; import it only when a module is loaded.
     import evaluate
@@ -366,6 +371,51 @@ def rouge(
     scorer = rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
     per_pair = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
     return {t: math.fsum(s[t].fmeasure for s in per_pair) / len(per_pair) for t in rouge_types}
+
+
+def chrf(predictions: Sequence[str], references: Sequence[str], **kwargs: Any) -> float:
+    """Corpus chrF (0-100): F-score of character n-grams (Popović, 2015), sacrebleu's defaults.
+
+    Kinder than BLEU to a different word form ("pocket" / "pockets") and defined for one short
+    sentence. Equal to ``sacrebleu.corpus_chrf(predictions, [references], **kwargs).score``.
+    """
+    import sacrebleu
+
+    _check_pairs(predictions, references)
+    return float(sacrebleu.corpus_chrf(list(predictions), [list(references)], **kwargs).score)
+
+
+def stop_rate(stopped: Sequence[bool]) -> float:
+    """Share of generations that ended with EOS before the token limit.
+
+    `generation.generate_with_stops` returns the flags. A model never taught to emit EOS (the
+    chapter's pad = EOS bug) scores 0: every answer runs until it is cut off.
+    """
+    if len(stopped) == 0:
+        raise ValueError("Got no generations: the stop rate of zero outputs is undefined.")
+    return sum(bool(s) for s in stopped) / len(stopped)
+
+
+def distinct_n(predictions: Sequence[str], n: int = 2) -> float:
+    """Distinct-n (Li et al., 2016): unique word n-grams / all word n-grams over the outputs.
+
+    Low values mean repetition, within an output ("soft soft soft") or across outputs (the same
+    answer to every prompt). Words are lower-cased and split on whitespace.
+
+    >>> distinct_n(["the cat sat", "the cat ran"], n=1)
+    0.6666666666666666
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    grams = [
+        tuple(words[i : i + n])
+        for text in predictions
+        for words in [text.lower().split()]
+        for i in range(len(words) - n + 1)
+    ]
+    if not grams:
+        raise ValueError(f"The outputs hold no {n}-gram: distinct-{n} is undefined.")
+    return len(set(grams)) / len(grams)
 
 
 # --------------------------------------------------------------------------- evaluate modules

@@ -12,6 +12,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lumorik_sft import encoding, generation, metrics, models
+from lumorik_sft.fidelity import FidelityReport, detect_task, fact_fidelity
 
 
 def model_and_tokenizer(
@@ -45,12 +46,19 @@ class EvalReport:
     n_tokens: int
     bleu: float | None = None
     rouge: dict[str, float] = field(default_factory=dict)
+    chrf: float | None = None
+    stop_rate: float | None = None  # share of outputs ended by EOS before the token limit
+    distinct_2: float | None = None  # unique / all word bigrams: low means repetition
+    fidelity: dict[str, Any] | None = None  # `FidelityReport.summary()`, for course-format prompts
     predictions: list[str] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
 
+    fact_check: FidelityReport | None = field(default=None, repr=False)  # per-output detail
+
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """Plain data (JSON-ready): everything but the per-output fact check."""
+        return {k: v for k, v in self.__dict__.items() if k != "fact_check"}
 
 
 def evaluate_model(
@@ -62,11 +70,14 @@ def evaluate_model(
     batch_size: int = 16,
     n_generate: int | None = None,
     max_new_tokens: int = 96,
+    fact_aliases: dict[str, tuple[str, ...]] | None = None,
     progress: bool = False,
 ) -> EvalReport:
-    """Token-weighted loss and perplexity on all records; BLEU/ROUGE on the first `n_generate`.
+    """Token-weighted loss and perplexity on all records; generation metrics on the first `n_generate`.
 
-    ``max_length`` defaults to 256 tokens or the model's context, whichever is shorter.
+    Generation metrics: BLEU, ROUGE, chrF, stop rate, distinct-2 and, when the prompts are in
+    one of the course's formats (`fidelity.detect_task`), fact fidelity (``fact_aliases`` go to
+    it). ``max_length`` defaults to 256 tokens or the model's context, whichever is shorter.
     """
     max_length = encoding.fit_max_length(model, max_length)
     examples, _ = encoding.encode_records(records, tokenizer, max_length=max_length)
@@ -78,7 +89,7 @@ def evaluate_model(
     if chosen:
         report.prompts = [r["prompt"] for r in chosen]
         report.references = [r["completion"] for r in chosen]
-        report.predictions = generation.generate_completions(
+        report.predictions, stopped = generation.generate_with_stops(
             model,
             tokenizer,
             report.prompts,
@@ -86,6 +97,21 @@ def evaluate_model(
             batch_size=batch_size,
             progress=progress,
         )
-        report.bleu = metrics.corpus_bleu(report.predictions, report.references)
-        report.rouge = metrics.rouge(report.predictions, report.references)
+        _score_generations(report, stopped, fact_aliases)
     return report
+
+
+def _score_generations(
+    report: EvalReport, stopped: list[bool], fact_aliases: dict[str, tuple[str, ...]] | None
+) -> None:
+    """Fill the report's generation metrics from its predictions and references."""
+    preds, refs = report.predictions, report.references
+    report.bleu = metrics.corpus_bleu(preds, refs)
+    report.rouge = metrics.rouge(preds, refs)
+    report.chrf = metrics.chrf(preds, refs)
+    report.stop_rate = metrics.stop_rate(stopped)
+    report.distinct_2 = metrics.distinct_n(preds, 2) if any(len(p.split()) > 1 for p in preds) else None
+    tasks = {detect_task(p) for p in report.prompts}
+    if len(tasks) == 1 and None not in tasks:  # all prompts in one course format
+        report.fact_check = fact_fidelity(report.prompts, preds, refs, aliases=fact_aliases)
+        report.fidelity = report.fact_check.summary()

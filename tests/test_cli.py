@@ -286,6 +286,9 @@ def test_demo_runs_end_to_end_in_fast_mode(tmp_path, monkeypatch, capsys):
     assert (summary["curation"]["train"], summary["curation"]["val"]) == (900, 100)
     assert summary["after"]["loss"] < summary["before"]["loss"]
     assert len(summary["after"]["predictions"]) == 8
+    facts = summary["after"]["fidelity"]  # products: every feature checked through the course's aliases
+    assert 0 <= facts["fidelity"] <= 1 and facts["unchecked_facts"] == 0
+    assert "fidelity" in printed.split("4b. Evaluation after SFT")[1]
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert (out / "model" / "final" / "config.json").exists()
 
@@ -352,6 +355,8 @@ def test_train_eval_generate_commands_on_a_local_model(tmp_path, toy_tokenizer, 
     )
     shown = json.loads(capsys.readouterr().out)
     assert shown["loss"] == pytest.approx(epochs[1]["val_loss"], rel=1e-4)
+    assert 0 <= shown["chrf"] <= 100 and 0 <= shown["stop_rate"] <= 1
+    assert set(shown["fidelity"]) >= {"fidelity", "foreign_per_output", "dosing_flagged"}  # health prompts
     assert len(json.loads((tmp_path / "e.json").read_text())["predictions"]) == 2
 
     assert (
@@ -429,3 +434,11 @@ def test_max_length_fits_the_model_context_and_cuts_are_reported(tmp_path, short
     assert "learning rate 0.001 (the model's recommended rate)" in out  # no card, a tiny model
     assert "encoded 2 of 2 training examples" in out and "2 truncated, 1 of them into" in out
     assert "1 training example(s) lost the end of their completion and its EOS" in err
+
+
+def test_the_course_front_door_gives_eval_the_product_feature_aliases():
+    from lumorik_sft.course.cli import build_parser
+    from lumorik_sft.course.synthetic import FEATURE_ALIASES
+
+    args = build_parser().parse_args(["eval", "--data", "val.jsonl"])
+    assert args.fact_aliases() == FEATURE_ALIASES

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lumorik_sft.encoding import SFTCollator, encode_records
-from lumorik_sft.generation import _cut_at_eos, generate_completions
+from lumorik_sft.generation import _cut_at_eos, generate_completions, generate_with_stops
 from lumorik_sft.models import build_model
 
 PROMPTS = ["Question: What is a fever?", "Write a product description.\nCategory: backpack", "Q"]
@@ -39,6 +39,16 @@ def test_batched_greedy_equals_one_at_a_time_and_stops_at_eos(memorised, toy_tok
     assert batched == [r["completion"] for r in records]  # memorised, and stopped at EOS
 
 
+def test_stop_flags_say_whether_eos_came_before_the_limit(memorised, toy_tokenizer):
+    model, records = memorised
+    texts, stopped = generate_with_stops(model, toy_tokenizer, PROMPTS, max_new_tokens=20)
+    assert texts == [r["completion"] for r in records] and stopped == [True, True, True]
+    shortest = min(len(toy_tokenizer(r["completion"])["input_ids"]) for r in records)
+    cut, stopped = generate_with_stops(model, toy_tokenizer, PROMPTS, max_new_tokens=shortest - 1)
+    assert stopped == [False, False, False]  # no completion fits: every one hit the limit
+    assert all(r["completion"].startswith(c) for c, r in zip(cut, records, strict=True))
+
+
 def test_sampling_is_seeded(tiny_model, toy_tokenizer):
     kw = {"max_new_tokens": 12, "do_sample": True, "temperature": 1.5}
     a = generate_completions(tiny_model, toy_tokenizer, PROMPTS, seed=3, **kw)
@@ -58,8 +68,8 @@ def test_generation_restores_training_mode_and_guards_lengths(tiny_model, toy_to
 
 
 def test_cut_at_eos():
-    assert _cut_at_eos([5, 6, 0, 7], {0}) == [5, 6]
-    assert _cut_at_eos([5, 6], {0}) == [5, 6]
+    assert _cut_at_eos([5, 6, 0, 7], {0}) == ([5, 6], True)
+    assert _cut_at_eos([5, 6], {0}) == ([5, 6], False)
 
 
 def test_the_elided_mask_false_alarm_is_dropped_only_while_generating(tiny_model, toy_tokenizer, monkeypatch):

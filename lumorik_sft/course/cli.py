@@ -81,6 +81,13 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return pretrain.run_from_args(args)
 
 
+def _course_fact_aliases() -> dict[str, tuple[str, ...]]:
+    """How the course's product descriptions phrase each feature, for `eval`'s fact check."""
+    from lumorik_sft.course.synthetic import FEATURE_ALIASES
+
+    return FEATURE_ALIASES
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser, sub = command_parser(parser_class=_CommandParser)
 
@@ -94,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     add_core_commands(sub)
+    sub.choices["eval"].set_defaults(fact_aliases=_course_fact_aliases)
 
     for name, module, help_text in [
         ("notebooks", notebook_tools, "check notebooks; --execute re-runs them in place"),

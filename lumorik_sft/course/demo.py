@@ -127,6 +127,7 @@ def run_demo(settings: DemoSettings, echo=print) -> dict[str, Any]:
         max_length=settings.max_length,
         n_generate=n_gen,
         max_new_tokens=settings.max_new_tokens,
+        fact_aliases=synthetic.FEATURE_ALIASES,
         progress=settings.progress,
     )  # the same evaluation before and after training
     echo(f"\n== 4a. Evaluation before SFT ({len(val_records)} validation pairs) ==")
@@ -178,15 +179,33 @@ def _fmt(x: float | None) -> str:
 
 def _metrics_line(r: EvalReport) -> str:
     rouge = ", ".join(f"{k} {v:.3f}" for k, v in r.rouge.items())
+    facts = r.fidelity or {}
     return (
         f"completion loss {r.loss:.3f}, perplexity {r.perplexity:.2f} over {r.n_tokens} tokens; "
-        f"BLEU {_fmt(r.bleu)}; {rouge}"
+        f"BLEU {_fmt(r.bleu)}; chrF {_fmt(r.chrf)}; {rouge}; stop rate {_fmt(r.stop_rate)}; "
+        f"distinct-2 {_fmt(r.distinct_2)}; fact fidelity {_fmt(facts.get('fidelity'))}, "
+        f"foreign facts per output {_fmt(facts.get('foreign_per_output'))}"
     )
 
 
+def _comparison_rows(r: EvalReport) -> dict[str, float | None]:
+    """The numbers the before/after table compares: overlap with the reference, then facts."""
+    facts = r.fidelity or {}
+    return {
+        "perplexity": r.perplexity,
+        "BLEU": r.bleu,
+        "chrF": r.chrf,
+        **r.rouge,
+        "stop rate": r.stop_rate,
+        "distinct-2": r.distinct_2,
+        "fidelity": facts.get("fidelity"),
+        "all facts": facts.get("all_facts_right"),
+        "foreign/out": facts.get("foreign_per_output"),
+    }
+
+
 def _comparison_table(before: EvalReport, after: EvalReport) -> str:
-    rows = [("perplexity", before.perplexity, after.perplexity), ("BLEU", before.bleu, after.bleu)]
-    rows += [(k, before.rouge.get(k), after.rouge.get(k)) for k in after.rouge]
+    b, a = _comparison_rows(before), _comparison_rows(after)
     lines = [f"{'metric':<12}{'before':>10}{'after':>10}"]
-    lines += [f"{name:<12}{_fmt(b):>10}{_fmt(a):>10}" for name, b, a in rows]
+    lines += [f"{name:<12}{_fmt(b[name]):>10}{_fmt(a[name]):>10}" for name in a]
     return "\n".join(lines)

@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lumorik_sft import encoding, metrics
+from lumorik_sft import encoding, fidelity, metrics
 from lumorik_sft.course import synthetic
 from lumorik_sft.training import TrainConfig, train
 
@@ -371,7 +371,9 @@ def noisy_vs_clean(
 def before_after_table(before: Any, after: Any) -> list[dict[str, Any]]:
     """Rows (metric, before, after, change, better) from two `pipeline.EvalReport`s.
 
-    Loss and perplexity are better when lower, BLEU and ROUGE when higher.
+    Loss, perplexity, foreign facts and dosing flags are better when lower; the rest (BLEU,
+    ROUGE, chrF, stop rate, distinct-2, fact fidelity) when higher. A metric is shown when both
+    reports have it; dosing flags only for health answers, where they matter.
     """
     rows = [
         ("loss", before.loss, after.loss, False),
@@ -380,9 +382,18 @@ def before_after_table(before: Any, after: Any) -> list[dict[str, Any]]:
     if before.bleu is not None and after.bleu is not None:
         rows.append(("BLEU", before.bleu, after.bleu, True))
     rows += [(k, before.rouge[k], after.rouge[k], True) for k in after.rouge if k in before.rouge]
+    for name, key in (("chrF", "chrf"), ("stop rate", "stop_rate"), ("distinct-2", "distinct_2")):
+        rows.append((name, getattr(before, key, None), getattr(after, key, None), True))
+    facts_b, facts_a = getattr(before, "fidelity", None) or {}, getattr(after, "fidelity", None) or {}
+    health = getattr(getattr(after, "fact_check", None), "task", None) == "health"
+    for key in ("fidelity", "all_facts_right", "foreign_per_output", "parties_right", "dosing_flagged"):
+        if key != "dosing_flagged" or health:
+            higher = key not in ("foreign_per_output", "dosing_flagged")
+            rows.append((key.replace("_", " "), facts_b.get(key), facts_a.get(key), higher))
     return [
         {"metric": name, "before": b, "after": a, "change": a - b, "better": (a > b) if higher else (a < b)}
         for name, b, a, higher in rows
+        if b is not None and a is not None
     ]
 
 
@@ -399,7 +410,7 @@ def metric_pitfall_candidates(seed: int = 7) -> dict[str, Any]:
     rng = random.Random(seed)
     attrs = synthetic.sample_product_attributes(rng)
     other = synthetic.sample_product_attributes(rng)
-    while other["colour"] == attrs["colour"] or other["material"] == attrs["material"]:
+    while {other["colour"], other["material"]} & {attrs["colour"], attrs["material"]}:  # "terracotta" is both
         other = synthetic.sample_product_attributes(rng)
     wording = seed * 1000 + 1  # same wording seed -> the same template choices
     reference = synthetic.sample_description(attrs, random.Random(wording))
@@ -433,7 +444,9 @@ def score_candidates(
     """Score each candidate completion of one prompt by the model and against the reference.
 
     Each dict: name, text, loss and perplexity (the model's token-weighted NLL of the candidate
-    given the prompt, EOS included), bleu (0-100) and rougeL (0-1) against the reference.
+    given the prompt, EOS included), bleu and chrf (0-100) and rougeL (0-1) against the
+    reference, and for a product prompt fidelity (share of its facts named) and foreign (other
+    products' attributes named, judged against the course's 1,000 product prompts).
     ``max_length`` defaults to the smaller of the model's context and 256 tokens.
     """
     max_length = encoding.fit_max_length(model, max_length)
@@ -452,9 +465,21 @@ def score_candidates(
                 "perplexity": ev.perplexity,
                 "bleu": metrics.corpus_bleu([text], [reference]),
                 "rougeL": metrics.rouge([text], [reference], rouge_types=("rougeL",))["rougeL"],
+                "chrf": metrics.chrf([text], [reference]),
+                **_fact_check(prompt, text, reference),
             }
         )
     return rows
+
+
+def _fact_check(prompt: str, text: str, reference: str) -> dict[str, float]:
+    """Fidelity of one product description, foreign values taken from every course product."""
+    if fidelity.detect_task(prompt) != "products":
+        return {}
+    others = [r["prompt"] for r in synthetic.product_descriptions(1000, seed=0)]
+    aliases = synthetic.FEATURE_ALIASES
+    check = fidelity.fact_fidelity([prompt], [text], [reference], aliases=aliases, vocabulary_from=others)
+    return {"fidelity": check.score, "foreign": check.foreign_per_output}
 
 
 # --------------------------------------------------------------------------- plots

@@ -25,6 +25,7 @@ from lumorik_sft.course.synthetic.cases import case_summaries
 from lumorik_sft.course.synthetic.common import SYNTHETIC_NOTICE, Record
 from lumorik_sft.course.synthetic.health import HEALTH_SAFETY_NOTE, health_qa
 from lumorik_sft.course.synthetic.products import (
+    FEATURE_ALIASES,
     MALFORMED_LINE,
     NOISE_COUNTS,
     distinct_products,
@@ -40,6 +41,7 @@ from lumorik_sft.course.synthetic.products import (
 
 __all__ = [
     "COURSE_DATASETS",
+    "FEATURE_ALIASES",
     "HEALTH_SAFETY_NOTE",
     "MALFORMED_LINE",
     "NOISE_COUNTS",

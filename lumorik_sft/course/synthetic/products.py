@@ -192,6 +192,19 @@ _CATEGORIES: dict[str, tuple[str, tuple[str, ...], dict[str, tuple[str, str]]]] 
     ),
 }
 
+
+def _without_article(phrase: str) -> str:
+    return phrase.split(" ", 1)[1] if phrase.split(" ", 1)[0] in ("a", "an") else phrase
+
+
+# feature name -> the phrase descriptions use for it, for fact checking
+# (`lumorik_sft.fidelity`: "keeps drinks cold" is described as "vacuum insulation").
+FEATURE_ALIASES: dict[str, tuple[str, ...]] = {
+    name: (_without_article(noun),)
+    for _, _, features in _CATEGORIES.values()
+    for name, (noun, _) in features.items()
+}
+
 _COLOURS = (
     "navy",
     "charcoal",
