@@ -2,7 +2,7 @@
 
 BLEU and ROUGE count shared n-grams. A product description that swaps "navy" for "black" keeps
 almost every n-gram of the reference and still scores high; a faithful paraphrase in other words
-scores low. Fidelity checks the facts instead, for the three structured tasks of the course:
+scores low. Fidelity checks the facts instead, for the four structured tasks of the course:
 
 * **products** (``Write a product description.`` with ``Category:``, ``Material:``, ``Colour:`` and
   ``Features:`` lines): each listed value must be named. A value that another prompt of the same
@@ -13,6 +13,9 @@ scores low. Fidelity checks the facts instead, for the three structured tasks of
 * **health** (``Answer the health question.``): the key facts of the reference answer (the
   clauses of its first sentence) must be named, judged by their content words; any dosing
   advice (amounts, "twice a day") is flagged, since the course's assistant must never give it.
+* **support** (``Reply to the customer message.`` with ``Order:``, ``Product:`` and ``Issue:``):
+  the order number, the product and the remedy the policy gives for the issue must be named;
+  another order's number, product or remedy is foreign.
 
 A fact is a phrase with alternative forms (``Fact``); the facts of one example form a
 ``FactSheet``. Matching is on words, case- and hyphen-insensitive, longest phrase first, each

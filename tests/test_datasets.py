@@ -191,13 +191,13 @@ def test_case_summaries_follow_from_case() -> None:
         case = r["prompt"].split("Case: ", 1)[1]
         plaintiff = case.split(" brought a claim against ")[0]
         assert r["completion"].startswith(plaintiff + " sued ")
-        assert len(case.split(". ")) >= 4 and len(r["completion"].split()) < len(case.split())
+        assert len(case.split(". ")) >= 3 and len(r["completion"].split()) < len(case.split())
         if "settled" in case:
             assert "settled" in r["completion"]
 
 
 def test_registry_and_notice() -> None:
-    assert set(COURSE_DATASETS) == {"products", "health", "cases"}
+    assert set(COURSE_DATASETS) == {"products", "health", "cases", "support"}
     assert len(load_course_dataset("products")) == 1000
     assert load_course_dataset("health", n=5, seed=2) == health_qa(5, seed=2)
     assert "SYNTHETIC" in SYNTHETIC_NOTICE and "not medical advice" in SYNTHETIC_NOTICE

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +156,38 @@ def _overlapping_ticks(ax: Axes, renderer: Any) -> list[str]:
                 out.append(f"{axis_name} tick labels overlap")
                 break
     return out
+
+
+def plot_before_after(
+    results: Mapping[str, tuple[Any, Any]],
+    metrics: Sequence[tuple[str, Callable[[Any], float], str]],
+    *,
+    title: str = "before and after SFT",
+) -> Figure:
+    """One panel per metric; in each, a (before, after) pair of bars per application.
+
+    ``results`` maps an application's name to its two `pipeline.EvalReport`s; ``metrics`` lists
+    (panel title, value of a report, y-axis label). Every bar carries its value, so a loss of
+    0.001 next to one of 6 is still read, and the legend sits below the panels, over no bar.
+    """
+    import numpy as np
+
+    fig = Figure(figsize=(4 * len(metrics), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    x = np.arange(len(results))
+    for ax, (name, value, ylabel) in zip(axes, metrics, strict=True):
+        for offset, (label, which, colour) in zip(
+            (-0.2, 0.2), (("before SFT", 0, "lightgrey"), ("after SFT", 1, "tab:blue")), strict=True
+        ):
+            heights = [value(pair[which]) for pair in results.values()]
+            bars = ax.bar(x + offset, heights, width=0.4, color=colour, edgecolor="dimgrey", label=label)
+            ax.bar_label(bars, fmt="%.3g", padding=2, fontsize=8)
+        ax.set_xticks(x, list(results))
+        ax.set_xlabel("application")
+        ax.set_ylabel(ylabel)
+        ax.set_title(name)
+        ax.margins(y=0.15)  # room above the tallest bar for its value
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2)
+    fig.suptitle(title)
+    return fig

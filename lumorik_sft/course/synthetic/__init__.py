@@ -1,15 +1,16 @@
 """Synthetic course data, generated from a seed: nothing to download, identical on every machine.
 
-Three sets, one per example in the chapter:
+Four sets, one per example in the chapter:
 
 * ``products``: the worked example, 1,000 product-description pairs (-> 900/100 split). The
   description follows from the attributes listed in the prompt, with only small seeded wording
   variation, so the task is learnable and BLEU against a reference is meaningful.
 * ``health``: a health-information Q&A chatbot (general information only, never dosing).
 * ``cases``: legal case summarization (short made-up case -> 1-2 sentence summary).
+* ``support``: customer-service replies (order, product, issue -> the policy's next step).
 
 ``noisy_product_descriptions_jsonl`` dirties the products set for the curation lesson. One module
-per set (`products`, `health`, `cases`); this package assembles them by name.
+per set (`products`, `health`, `cases`, `support`); this package assembles them by name.
 
     python -c "from lumorik_sft.course.synthetic import product_descriptions as p; print(p(1)[0])"
 
@@ -38,6 +39,7 @@ from lumorik_sft.course.synthetic.products import (
     write_noisy_product_descriptions,
     write_product_csv,
 )
+from lumorik_sft.course.synthetic.support import support_replies
 
 __all__ = [
     "COURSE_DATASETS",
@@ -57,6 +59,7 @@ __all__ = [
     "render_product_prompt",
     "sample_description",
     "sample_product_attributes",
+    "support_replies",
     "write_noisy_product_descriptions",
     "write_product_csv",
 ]
@@ -67,6 +70,7 @@ COURSE_DATASETS: dict[str, Callable[..., list[Record]]] = {
     "products": product_descriptions,
     "health": health_qa,
     "cases": case_summaries,
+    "support": support_replies,
 }
 
 

@@ -1,10 +1,21 @@
-"""The legal application's data: short made-up cases and their one- or two-sentence summaries."""
+"""The legal application's data: short made-up cases and their two-sentence summaries.
+
+Sized for the embedded model's 256-token context: with its tokenizer a case prompt is at most
+125 tokens and a summary (with EOS) at most 74, so a training pair fits with room to spare, and
+so does any case prompt plus :data:`CASE_MAX_NEW_TOKENS` generated tokens. The first version ran
+to 195 and 128 tokens: most pairs were cut from the left, the instruction and plaintiff first.
+"""
 
 from __future__ import annotations
 
 import random
 
 from lumorik_sft.course.synthetic.common import Record, check_size
+
+# A generation budget for case summaries: the longest summary (with EOS) plus a margin, so a
+# fine-tuned model can finish and stop, and any case prompt plus this budget fits 256 tokens
+# (tests/test_cases_fit.py measures both with the embedded tokenizer).
+CASE_MAX_NEW_TOKENS = 96
 
 # ----------------------------------------------------------------------------------- case summaries
 
@@ -30,78 +41,107 @@ _DEFENDANTS = (
 )
 _AMOUNTS = ("12,000", "48,500", "150,000", "7,250", "320,000", "95,000")
 
-# claim type -> (claim phrase, two alternative fact patterns)
-_CLAIMS: dict[str, tuple[str, tuple[str, str]]] = {
+# claim type -> (claim phrase, two fact patterns: (sentence in the case, key fact in the summary)).
+# The facts name no party: names cost 6-10 tokens each with the embedded tokenizer.
+_CLAIMS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
     "breach of contract": (
         "breach of contract",
         (
-            "{d} agreed in writing to deliver equipment by March but delivered it four months late.",
-            "{d} stopped paying monthly invoices halfway through a two-year service agreement.",
+            (
+                "The equipment ordered for March was delivered four months late.",
+                "the equipment came four months late",
+            ),
+            (
+                "Monthly invoices went unpaid halfway through a two-year service agreement.",
+                "invoices went unpaid",
+            ),
         ),
     ),
     "negligence": (
         "negligence",
         (
-            "{p} was injured after slipping on an unmarked wet floor in premises run by {d}.",
-            "A delivery van operated by {d} reversed into a parked vehicle owned by {p}.",
+            (
+                "The plaintiff slipped on an unmarked wet floor in the defendant's premises.",
+                "an unmarked wet floor",
+            ),
+            (
+                "A delivery van driven for the defendant reversed into the plaintiff's parked car.",
+                "a van hit a parked car",
+            ),
         ),
     ),
     "unpaid deposit": (
-        "the return of a rental deposit",
+        "the return of a deposit",
         (
-            "{d} kept the full deposit when {p} moved out, citing wear and tear.",
-            "{d} refused to return the deposit, claiming the flat needed repainting.",
+            (
+                "The landlord kept the full deposit at the end of the lease, citing wear and tear.",
+                "the deposit was kept for wear and tear",
+            ),
+            (
+                "The landlord refused to return the deposit, saying the flat needed repainting.",
+                "the flat needed repainting",
+            ),
         ),
     ),
     "unfair dismissal": (
         "unfair dismissal",
         (
-            "{p} was dismissed by {d} without a warning or a hearing after ten years of service.",
-            "{d} ended the employment of {p} two weeks after a complaint about safety.",
+            (
+                "The plaintiff was dismissed without a warning or a hearing after ten years of service.",
+                "dismissed with no warning or hearing",
+            ),
+            (
+                "The plaintiff was dismissed two weeks after a complaint about safety.",
+                "dismissed after a safety complaint",
+            ),
         ),
     ),
     "copyright infringement": (
         "copyright infringement",
         (
-            "{d} used photographs taken by {p} in an advertising campaign without a licence.",
-            "{d} published software code written by {p} under its own name.",
+            (
+                "Photographs taken by the plaintiff appeared in an advertising campaign without a licence.",
+                "photographs used without a licence",
+            ),
+            (
+                "Software code written by the plaintiff was published under the defendant's name.",
+                "code published under another name",
+            ),
         ),
     ),
     "defamation": (
         "defamation",
         (
-            "{d} published an article stating that {p} had been convicted of fraud, which was untrue.",
-            "{d} posted online reviews claiming {p} sold counterfeit goods.",
+            (
+                "An article falsely stated that the plaintiff had been convicted of fraud.",
+                "a false fraud conviction",
+            ),
+            (
+                "Online reviews claimed that the plaintiff sold counterfeit goods.",
+                "claims of counterfeit goods",
+            ),
         ),
     ),
 }
 
-# outcome -> (sentence in the case text, summary clause)
+# outcome -> (last sentence of the case, summary clause). `lumorik_sft.fidelity` reads the
+# outcome from these words ("found for", "dismissed the claim", "partly liable", "settled").
 _OUTCOMES = {
-    "plaintiff": (
-        "The court found for {p} and awarded {amount_text}.",
-        "the court found for {p} and awarded {amount_text}",
-    ),
-    "defendant": (
-        "The court dismissed the claim, finding that {d} was not liable.",
-        "the court dismissed the claim, finding {d} not liable",
-    ),
+    "plaintiff": ("The court found for {p} and awarded damages.", "the court found for the plaintiff"),
+    "defendant": ("The court dismissed the claim.", "the court dismissed the claim"),
     "partial": (
-        "The court found {d} partly liable and awarded half of the sum claimed.",
-        "the court found {d} partly liable and awarded half the sum claimed",
+        "The court found the defendant partly liable and awarded half the sum.",
+        "the defendant was found partly liable",
     ),
-    "settled": (
-        "Before judgment, the parties settled on confidential terms.",
-        "the parties settled on confidential terms before judgment",
-    ),
+    "settled": ("Before judgment, the parties settled on confidential terms.", "the parties settled"),
 }
 
 
 def case_summaries(n: int = 200, seed: int = 0) -> list[Record]:
-    """Synthetic legal cases (parties, claim, facts, outcome) with 1-2 sentence summaries.
+    """Synthetic legal cases (parties, claim, fact, outcome) with two-sentence summaries.
 
     The summary is determined by the case: who sued whom, for what and for how much, and the
-    outcome; a second sentence gives the key fact.
+    outcome; a second sentence gives the key fact in a few words.
     """
     check_size(
         "case_summaries",
@@ -128,16 +168,12 @@ def case_summaries(n: int = 200, seed: int = 0) -> list[Record]:
 
 def _case_record(p: str, d: str, claim: str, fact: int, amount: str, outcome: str) -> Record:
     claim_phrase, facts = _CLAIMS[claim]
-    slots = {"p": p, "d": d, "amount_text": f"{amount} dollars in damages"}
-    fact_text = facts[fact].format(**slots)
+    slots = {"p": p, "d": d, "amount": amount}
+    fact_text, key_fact = (s.format(**slots) for s in facts[fact])
     outcome_text, outcome_clause = (s.format(**slots) for s in _OUTCOMES[outcome])
-    case = (
-        f"{p} brought a claim against {d} for {claim_phrase}, seeking {amount} dollars. "
-        f"{fact_text} {d} denied the claim and argued that it had acted reasonably. "
-        f"The matter was heard in the district court. {outcome_text}"
-    )
+    claim_text = f"{p} brought a claim against {d} for {claim_phrase}, seeking {amount} dollars."
+    case = f"{claim_text} {fact_text} {outcome_text}"
     summary = (
-        f"{p} sued {d} for {claim_phrase}, seeking {amount} dollars, and {outcome_clause}. "
-        f"Key fact: {fact_text}"
+        f"{p} sued {d} for {claim_phrase}, seeking {amount} dollars; {outcome_clause}. Key fact: {key_fact}."
     )
     return {"prompt": f"Summarize the case in one or two sentences.\nCase: {case}", "completion": summary}
