@@ -281,6 +281,32 @@ WRONG: dict[str, list[tuple[str, str]]] = {
             "0-100 scale",
         ),
     ],
+    "cohen_kappa": [
+        (
+            """def cohen_kappa(labels_1, labels_2):  # raw agreement
+    return sum(a == b for a, b in zip(labels_1, labels_2)) / len(labels_1)""",
+            "you returned the raw agreement p_o",
+        ),
+        (
+            """def cohen_kappa(labels_1, labels_2):  # Scott's pi: chance from both raters pooled
+    n = len(labels_1)
+    p_o = sum(a == b for a, b in zip(labels_1, labels_2)) / n
+    both = labels_1 + labels_2
+    p_e = sum((both.count(c) / (2 * n)) ** 2 for c in set(both))
+    if p_e == 1:
+        raise ValueError("undefined")
+    return (p_o - p_e) / (1 - p_e)""",
+            "that is Scott's pi",
+        ),
+        (
+            """def cohen_kappa(labels_1, labels_2):  # no ValueError when p_e == 1
+    n = len(labels_1)
+    p_o = sum(a == b for a, b in zip(labels_1, labels_2)) / n
+    p_e = sum(labels_1.count(c) * labels_2.count(c) for c in set(labels_1)) / n**2
+    return (p_o - p_e) / (1 - p_e)""",
+            "should raise ValueError, but raised ZeroDivisionError",
+        ),
+    ],
     "sequence_nll": [
         (
             """def sequence_nll(probs):  # mean, not sum

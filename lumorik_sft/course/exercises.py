@@ -6,15 +6,19 @@
     def collate(features, pad_token_id):
         \"\"\"Right-pad ...\"\"\"                 <- kept
         # SOLUTION
-        # HINT: width = max(len(f["input_ids"]) for f in features)   <- kept in the stub
+        # HINT 1: every row must end up as long as the longest one    <- a nudge
+        # HINT 2: width = max(len(f["input_ids"]) for f in features)  <- nearly the answer
         width = ...                          <- removed
         # END SOLUTION
 
-becomes ``# HINT: ...`` lines plus ``raise NotImplementedError("collate: ...")``. A region with
-``# STUB: ANSWER_Q1 = None`` lines (answers to questions) becomes those lines instead. In markdown
-cells, text between ``<!-- SOLUTION -->`` and ``<!-- END SOLUTION -->`` is removed. Outputs and
-execution counts are stripped; everything else is copied unchanged. Output is deterministic
-(nbformat's stable JSON), so CI can compare::
+becomes ``raise NotImplementedError("collate: ...")``. The hints leave the code: they become a
+markdown cell right after it, one collapsed ``<details>`` block per hint, so a student opens
+them one at a time, a nudge first and the near-solution last, instead of reading the answer in
+the stub. Hints are numbered from 1 in each cell; lines with the same number make one hint. A
+region with ``# STUB: ANSWER_Q1 = None`` lines (answers to questions) becomes those lines
+instead. In markdown cells, text between ``<!-- SOLUTION -->`` and ``<!-- END SOLUTION -->`` is
+removed. Outputs and execution counts are stripped; everything else is copied unchanged. Output
+is deterministic (nbformat's stable JSON), so CI can compare::
 
     python -m lumorik_sft.course.exercises build            # write exercises/ from solutions/
     python -m lumorik_sft.course.exercises build --check    # exit 1 if exercises/ differ (CI)
@@ -33,11 +37,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_arguments", "build", "check", "generate_notebook", "main", "run_from_args", "stub_source"]
+__all__ = [
+    "add_arguments",
+    "build",
+    "check",
+    "generate_notebook",
+    "hints_markdown",
+    "main",
+    "run_from_args",
+    "split_hints",
+    "stub_source",
+]
 
 _START = re.compile(r"^(?P<indent>[ \t]*)# SOLUTION[ \t]*$")
 _END = re.compile(r"^[ \t]*# END SOLUTION[ \t]*$")
-_HINT = re.compile(r"^[ \t]*# HINT:")
+_HINT = re.compile(r"^[ \t]*# HINT(?:[ \t]+(?P<number>\d+))?[ \t]*:[ \t]?(?P<text>.*)$")
 _STUB = re.compile(r"^[ \t]*# STUB:(?P<code>.*)$")
 _DEF = re.compile(r"^(?P<indent>[ \t]*)(?:async[ \t]+)?def[ \t]+(?P<name>\w+)")
 _MD_REGION = re.compile(r"<!--\s*SOLUTION\s*-->.*?<!--\s*END SOLUTION\s*-->\n?", re.DOTALL)
@@ -55,16 +69,46 @@ def _enclosing_function(lines: list[str], indent: str) -> str | None:
     return None
 
 
-def stub_source(source: str, where: str = "cell") -> str:
-    """Replace every ``# SOLUTION`` ... ``# END SOLUTION`` region of a code cell by its stub."""
+def _collect_hints(region: list[str], hints: list[list[str]], where: str, first_line: int) -> None:
+    """Add the region's ``# HINT n:`` lines to `hints` (one list of lines per hint), checking the numbers."""
+    for offset, line in enumerate(region):
+        m = _HINT.match(line)
+        if not m:
+            continue
+        at = f"{where}: line {first_line + offset}"
+        if m.group("number") is None:
+            raise ExerciseSourceError(
+                f"{at}: number the hint ('# HINT 1: ...'): hints are shown one at a time, a nudge first"
+            )
+        number = int(m.group("number"))
+        if number == len(hints):  # the same number again: one more line of that hint
+            hints[-1].append(m.group("text").strip())
+        elif number == len(hints) + 1:
+            hints.append([m.group("text").strip()])
+        else:
+            raise ExerciseSourceError(
+                f"{at}: hint {number} follows hint {len(hints)}; number them 1, 2, 3, ..."
+            )
+
+
+def split_hints(source: str, where: str = "cell") -> tuple[str, list[str], str | None]:
+    """A code cell's stub, its hints in order (hint 1 first) and the function they are for.
+
+    Every ``# SOLUTION`` ... ``# END SOLUTION`` region becomes its stub; its ``# HINT n:`` lines
+    leave the code (see `hints_markdown`).
+    """
     lines = source.split("\n")
     out: list[str] = []
+    hints: list[list[str]] = []
+    hinted: str | None = None
     i = 0
     while i < len(lines):
         start = _START.match(lines[i])
         if not start:
             if _END.match(lines[i]):
                 raise ExerciseSourceError(f"{where}: line {i + 1}: '# END SOLUTION' without '# SOLUTION'")
+            if _HINT.match(lines[i]):
+                raise ExerciseSourceError(f"{where}: line {i + 1}: a hint outside a '# SOLUTION' region")
             out.append(lines[i])
             i += 1
             continue
@@ -77,15 +121,17 @@ def stub_source(source: str, where: str = "cell") -> str:
         if j == len(lines):
             raise ExerciseSourceError(f"{where}: line {i + 1}: '# SOLUTION' without '# END SOLUTION'")
         region = lines[i + 1 : j]
-        hints = [indent + line.strip() for line in region if _HINT.match(line)]
+        before = len(hints)
+        _collect_hints(region, hints, where, i + 2)
         stubs = [indent + m.group("code").strip() for line in region if (m := _STUB.match(line))]
-        out.extend(hints)
+        name = _enclosing_function(out, indent)
+        if len(hints) > before:
+            hinted = hinted or name
         if stubs:
             out.extend(stubs)
         else:
-            name = _enclosing_function(out, indent)
             what = f"{name}: write the body" if name else "write this part"
-            tail = " (see the hints above)" if hints else ""
+            tail = " (hints below, one at a time)" if len(hints) > before else ""
             out.append(f'{indent}raise NotImplementedError("{what}{tail}")')
         i = j + 1
     result = "\n".join(out)
@@ -93,21 +139,54 @@ def stub_source(source: str, where: str = "cell") -> str:
         ast.parse(result)
     except SyntaxError as err:
         raise ExerciseSourceError(f"{where}: the generated stub does not parse: {err}") from None
-    return result
+    return result, ["\n".join(h) for h in hints], hinted
+
+
+def stub_source(source: str, where: str = "cell") -> str:
+    """Replace every ``# SOLUTION`` ... ``# END SOLUTION`` region of a code cell by its stub."""
+    return split_hints(source, where)[0]
+
+
+def hints_markdown(hints: Sequence[str], name: str | None = None) -> str:
+    """A markdown cell of collapsed hints: one ``<details>`` block each, opened one at a time.
+
+    JupyterLab and VS Code render ``<details>`` collapsed; the blank lines around each hint's
+    text let markdown (inline code) render inside it.
+    """
+    what = f" for `{name}`" if name else ""
+    parts = [f"**Hints{what}.** Try without them first; open one at a time (the last is nearly the answer)."]
+    for n, text in enumerate(hints, start=1):
+        parts.append(f"<details><summary>Hint {n} of {len(hints)}</summary>\n\n{text}\n\n</details>")
+    return "\n\n".join(parts)
 
 
 def generate_notebook(nb: Any, name: str = "notebook") -> Any:
-    """The exercise version of a solution notebook (a new nbformat object)."""
+    """The exercise version of a solution notebook (a new nbformat object).
+
+    A code cell with hints is followed by a new markdown cell holding them (`hints_markdown`).
+    """
+    import nbformat
+
     out = copy.deepcopy(nb)
+    cells = []
     for index, cell in enumerate(out.cells):
         where = f"{name}: cell {index}"
+        cells.append(cell)
         if cell.cell_type == "code":
-            cell.source = stub_source(cell.source, where)
+            cell.source, hints, hinted = split_hints(cell.source, where)
             cell.outputs = []
             cell.execution_count = None
             cell.metadata.pop("execution", None)
+            if hints:
+                hint_cell = nbformat.v4.new_markdown_cell(hints_markdown(hints, hinted))
+                if "id" in cell:  # deterministic, so `build --check` compares equal
+                    hint_cell.id = f"{cell.id}-hints"[:64]
+                else:
+                    hint_cell.pop("id", None)
+                cells.append(hint_cell)
         elif cell.cell_type == "markdown":
             cell.source = _MD_REGION.sub("", cell.source)
+    out.cells = cells
     return out
 
 

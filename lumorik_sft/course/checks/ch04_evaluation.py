@@ -1,4 +1,4 @@
-"""Exercises of ``04_evaluation.ipynb``: ``corpus_perplexity`` and ``bleu_score``.
+"""Exercises of ``04_evaluation.ipynb``: ``corpus_perplexity``, ``bleu_score`` and ``cohen_kappa``.
 
 Each exercise's functions (cases, reference, run, compare) come first, then
 ``CHAPTER.register(...)`` declares it; see :mod:`lumorik_sft.course.checks.framework`.
@@ -152,4 +152,86 @@ CHAPTER.register(
     forbidden=("lumorik_sft.metrics:corpus_bleu",),
     hint="metrics.load_metric('bleu').compute(predictions=..., references=...)['score']",
     wrong_variants=("mean of sentence BLEUs", "predictions and references swapped", "0-1 scale"),
+)
+
+
+# ------------------------------------------------------------------------------------- Cohen's kappa
+
+_VERDICT_LABELS = ("base", "SFT", "tie")
+
+
+def _kappa_cases(seed: int) -> list[dict[str, Any]]:
+    cases = []
+    for k in range(4):
+        rng = random.Random(f"kappa/{seed}/{k}")
+        n = rng.randint(8, 30)
+        labels = _VERDICT_LABELS[:2] if k == 0 else _VERDICT_LABELS
+        first = [rng.choice(labels) for _ in range(n)]
+        # rater 2 agrees with rater 1 most of the time, and otherwise picks any label
+        second = [x if rng.random() < 0.6 else rng.choice(_VERDICT_LABELS) for x in first]
+        cases.append({"labels_1": first, "labels_2": second})
+    cases.append({"labels_1": ["SFT"] * 6, "labels_2": ["SFT"] * 6})  # p_e = 1: undefined
+    cases.append({"labels_1": ["SFT"] * 5, "labels_2": ["tie"] * 5})  # constant but different: 0
+    return cases
+
+
+def _kappa_reference(case: dict[str, Any]) -> Any:
+    from lumorik_sft.human_eval import cohen_kappa
+
+    try:
+        return cohen_kappa(case["labels_1"], case["labels_2"])
+    except ValueError as err:
+        return raised(err)
+
+
+def _run_kappa(fn: Callable, case: dict[str, Any]) -> Any:
+    return float(fn(list(case["labels_1"]), list(case["labels_2"])))
+
+
+def _kappa_chance(case: dict[str, Any], pooled: bool) -> tuple[float, float]:
+    """Observed agreement and chance agreement (each rater's own rates, or both raters pooled)."""
+    a, b = case["labels_1"], case["labels_2"]
+    n = len(a)
+    observed = sum(x == y for x, y in zip(a, b, strict=True)) / n
+    labels = set(a) | set(b)
+    if pooled:
+        return observed, sum(((a.count(c) + b.count(c)) / (2 * n)) ** 2 for c in labels)
+    return observed, sum(a.count(c) * b.count(c) for c in labels) / (n * n)
+
+
+def _kappa_compare(case: dict[str, Any], expected: Any, got: Any) -> str | None:
+    if close(got, expected, rel=1e-9, abs_=1e-9):
+        return None
+    observed, _ = _kappa_chance(case, pooled=False)
+    _, pooled = _kappa_chance(case, pooled=True)
+    if close(got, observed, rel=1e-9, abs_=1e-9):
+        return (
+            "you returned the raw agreement p_o: kappa also subtracts the agreement expected by chance, "
+            "(p_o - p_e) / (1 - p_e)"
+        )
+    if pooled < 1 and close(got, (observed - pooled) / (1 - pooled), rel=1e-9, abs_=1e-9):
+        return (
+            "your chance agreement pools both raters' labels (that is Scott's pi): Cohen's p_e uses each "
+            "rater's own rates, the sum over labels of p_rater1(label) * p_rater2(label)"
+        )
+    k = len(set(case["labels_1"]) | set(case["labels_2"]))
+    if k > 1 and close(got, (observed - 1 / k) / (1 - 1 / k), rel=1e-9, abs_=1e-9):
+        return "p_e is not 1 / (number of labels): use how often each rater actually gave each label"
+    return f"kappa is {got:.6g}, expected {expected:.6g}: (p_o - p_e) / (1 - p_e)"
+
+
+CHAPTER.register(
+    name="cohen_kappa",
+    symbol="cohen_kappa",
+    points=1,
+    make_cases=_kappa_cases,
+    reference=_kappa_reference,
+    run=_run_kappa,
+    compare=_kappa_compare,
+    forbidden=("lumorik_sft.human_eval:cohen_kappa",),
+    hint=(
+        "kappa = (p_o - p_e) / (1 - p_e); p_e = sum over labels of (rater 1's share of that label) x "
+        "(rater 2's share); raise ValueError when p_e == 1"
+    ),
+    wrong_variants=("raw agreement", "Scott's pi (pooled chance)", "no ValueError when p_e == 1"),
 )

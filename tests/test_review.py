@@ -1,0 +1,196 @@
+"""The blind review widget: it builds, each click saves a valid rating, it never shows which system
+wrote what, it degrades to text with the committed example ratings, and those match the notebooks."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from lumorik_sft.course import review
+from lumorik_sft.course.plots import figure_problems
+from lumorik_sft.human_eval import RUBRIC, blind_pairs, load_ratings, save_ratings, win_rate
+
+SYSTEMS = ("zebra-base", "okapi-tuned")  # names that cannot appear in any output by chance
+ITEMS = review.comparison_items(
+    [f"Write a product description.\nCategory: item {i}" for i in range(3)],
+    {SYSTEMS[0]: ["a", "b", "c"], SYSTEMS[1]: ["A bag.", "A scarf.", "A mug."]},
+)
+
+
+def _pairs(seed: int = 0):
+    return blind_pairs(ITEMS, *SYSTEMS, seed=seed)
+
+
+def _walk(widget):
+    yield widget
+    for child in getattr(widget, "children", ()):
+        yield from _walk(child)
+
+
+def _text(box) -> str:
+    return "\n".join(
+        str(getattr(w, attr, "")) for w in _walk(box) for attr in ("value", "description", "tooltip")
+    )
+
+
+def _buttons(box) -> dict[str, object]:
+    import ipywidgets as w
+
+    return {b.description: b for b in _walk(box) if isinstance(b, w.Button)}
+
+
+def test_comparison_items_line_up_outputs_with_prompts():
+    assert ITEMS[1] == {
+        "id": "val-1",
+        "prompt": "Write a product description.\nCategory: item 1",
+        "zebra-base": "b",
+        "okapi-tuned": "A scarf.",
+    }
+    with pytest.raises(ValueError, match="2 outputs for 3 prompts"):
+        review.comparison_items(["p"] * 3, {"x": ["a", "b"]})
+
+
+def test_clicking_saves_one_valid_rating_per_click_and_advances(tmp_path):
+    path = tmp_path / "ratings.jsonl"
+    session = review.ReviewSession(_pairs(), path, rater="student")
+    box = review.build_widget(session)
+    assert "0 of 3 rated" in _text(box)
+    boxes = [w for w in _walk(box) if type(w).__name__ == "Checkbox"]
+    assert len(boxes) == 2 * len(RUBRIC)
+    boxes[0].value = True  # Output 1: correct facts
+    boxes[len(RUBRIC) + 2].value = True  # Output 2: fluent
+    _buttons(box)["Output 1 is better"].click()
+    assert "1 of 3 rated" in _text(box) and not any(b.value for b in boxes)  # fresh boxes for the next pair
+    _buttons(box)["Tie"].click()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["rater"] == "student" for line in lines)
+    first, second = load_ratings(path)
+    pair = _pairs()[0]
+    assert (first.item_id, first.verdict, first.winner()) == ("val-0", "A", pair.system_a)
+    assert first.rubric_a["correct_facts"] and not first.rubric_a["fluent"]
+    assert first.rubric_b["fluent"] and not first.rubric_b["correct_facts"]
+    assert first.outputs == pair.fingerprint and first.timestamp
+    assert (second.item_id, second.verdict, second.winner()) == ("val-1", "tie", "tie")
+    _buttons(box)["Output 2 is better"].click()
+    assert "3 of 3 rated" in _text(box) and "All pairs rated" in _text(box)
+    assert all(b.disabled for b in _buttons(box).values())
+    with pytest.raises(ValueError, match="every pair is rated"):
+        session.rate("A")
+
+
+def test_a_new_session_resumes_where_the_rater_stopped(tmp_path):
+    path = tmp_path / "ratings.jsonl"
+    session = review.ReviewSession(_pairs(), path, rater="student")
+    session.rate("B")
+    again = review.ReviewSession(_pairs(), path, rater="student")
+    assert again.progress() == "1 of 3 rated" and again.current.item_id == "val-1"
+    assert review.ReviewSession(_pairs(), path, rater="someone else").progress() == "0 of 3 rated"
+
+
+def test_the_widget_and_the_text_view_never_name_the_systems(tmp_path):
+    for seed in range(4):
+        session = review.ReviewSession(_pairs(seed), tmp_path / f"{seed}.jsonl", rater="student")
+        box = review.build_widget(session)
+        for _ in range(3):
+            shown = _text(box) + "".join(review.pair_text(p) for p in session.pairs)
+            assert "Output 1" in shown and "Output 2" in shown
+            assert not any(name in shown for name in SYSTEMS)
+            _buttons(box)["Tie"].click()
+
+
+def test_the_order_shown_follows_the_pair(tmp_path):
+    pairs = _pairs(seed=3)
+    box = review.build_widget(review.ReviewSession(pairs, tmp_path / "r.jsonl", rater="s"))
+    text = _text(box)
+    assert text.index(pairs[0].output_a) < text.index(pairs[0].output_b)
+
+
+def test_start_review_shows_the_widget_where_widgets_render(tmp_path, monkeypatch):
+    shown = []
+    monkeypatch.setattr("IPython.display.display", shown.append)
+    monkeypatch.setenv("LUMORIK_WIDGETS", "1")
+    session = review.start_review(_pairs(), tmp_path / "r.jsonl", rater="s")
+    assert session.live and len(shown) == 1 and "Output 1" in _text(shown[0])
+
+
+def test_static_fallback_prints_text_and_uses_the_example_ratings(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LUMORIK_WIDGETS", "0")
+    pairs = _pairs()
+    session = review.start_review(pairs, tmp_path / "mine.jsonl", rater="s", show_static=2)
+    out = capsys.readouterr().out
+    assert not session.live and "widgets off: 3 blind pairs" in out
+    assert "[val-1] prompt" in out and "[val-2]" not in out
+    assert not any(name in out for name in SYSTEMS)
+    from lumorik_sft.human_eval import Rating
+
+    examples = [Rating.of(p, rater, "B") for rater in ("ex-1", "ex-2") for p in blind_pairs(ITEMS, *SYSTEMS)]
+    save_ratings(tmp_path / "demo.jsonl", examples)
+    got = review.example_ratings("demo", pairs, folder=tmp_path)
+    assert got == examples
+    session.rate("A")  # a rater's own ratings come beside the examples
+    monkeypatch.setattr(review, "EXAMPLES_DIR", tmp_path)
+    monkeypatch.setattr(review.example_ratings, "__defaults__", (tmp_path,))
+    assert review.ratings_for_analysis(session, "demo") == examples + session.ratings
+
+
+def test_example_ratings_of_other_outputs_are_refused_loudly(tmp_path):
+    from lumorik_sft.human_eval import Rating
+
+    save_ratings(tmp_path / "demo.jsonl", [Rating.of(p, "ex-1", "A") for p in _pairs()])
+    regenerated = [{**item, SYSTEMS[1]: item[SYSTEMS[1]] + " Now in red."} for item in ITEMS]
+    with pytest.raises(review.StaleExampleRatings, match="no rating by ex-1 of the outputs .* val-0"):
+        review.example_ratings("demo", blind_pairs(regenerated, *SYSTEMS), folder=tmp_path)
+
+
+def test_plot_win_rates_is_readable(tmp_path):
+    from lumorik_sft.human_eval import Rating
+
+    pairs = _pairs()
+    ratings = [Rating.of(p, "ex-1", v) for p, v in zip(pairs, "ABA", strict=True)]
+    rates = {"ex-1": win_rate(ratings, SYSTEMS[1]), "ex-2": win_rate(ratings[:2], SYSTEMS[1])}
+    fig = review.plot_win_rates(rates, title="test")
+    assert figure_problems(fig) == []
+    assert fig.axes[0].get_ylim()[0] == 0
+
+
+# ------------------------------------------------------------------------- the committed examples
+
+EXAMPLE_FILES = sorted(review.EXAMPLES_DIR.glob("*.jsonl"))
+
+
+def test_examples_are_committed_for_each_notebook():
+    assert {p.stem for p in EXAMPLE_FILES} == {"04_evaluation", "05_worked_example"}
+
+
+@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.stem)
+def test_each_example_run_is_rated_by_both_example_raters(path: Path):
+    """Every set of outputs rated (one per mode and precision) has one rating per item and rater."""
+    ratings = load_ratings(path)
+    assert {r.rater for r in ratings} == {"example-rater-1", "example-rater-2"}
+    per_rater = Counter((r.rater, r.item_id, r.outputs) for r in ratings)
+    assert max(per_rater.values()) == 1
+    outputs = {(r.item_id, r.outputs) for r in ratings}
+    assert {(i, o) for _, i, o in per_rater} == outputs
+    assert len(per_rater) == 2 * len(outputs)
+    for r in ratings:
+        assert {r.system_a, r.system_b} == {"base", "SFT"}
+
+
+def test_example_ratings_name_the_prompts_the_notebooks_rate(tmp_path):
+    """The item ids are validation positions: val-i must be the notebook's i-th validation prompt."""
+    from lumorik_sft import data
+    from lumorik_sft.course import synthetic
+
+    records = synthetic.product_descriptions(1000, seed=0)
+    # 04: records[-N_VAL:], N_VAL 48 in full mode and 16 in fast mode
+    nb04 = {f"val-{i}": {records[-48 + i]["prompt"], records[-16 + i]["prompt"]} for i in range(16)}
+    data.write_jsonl(tmp_path / "pairs.jsonl", records)
+    data.run_curation(tmp_path / "pairs.jsonl", tmp_path / "data", val_fraction=0.1, seed=0)
+    val = data.read_jsonl(tmp_path / "data" / "val.jsonl")
+    nb05 = {f"val-{i}": {r["prompt"]} for i, r in enumerate(val)}  # 05: the curated split, both modes
+    for stem, prompts in (("04_evaluation", nb04), ("05_worked_example", nb05)):
+        for r in load_ratings(review.EXAMPLES_DIR / f"{stem}.jsonl"):
+            assert r.prompt in prompts[r.item_id], (stem, r.item_id)
