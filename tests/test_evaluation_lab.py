@@ -26,7 +26,16 @@ def test_metric_bars_are_labelled_readable_and_show_every_value():
         assert ax.get_ylabel() == f"{label} ({better} is better)"
         shown = [t.get_text() for t in ax.texts]  # bar_label's annotations
         assert shown == [evaluation_lab._short(r[key]) for r in ROWS]  # a zero-height bar still says 0.00
-        assert [t.get_text() for t in ax.get_xticklabels()] == [r["label"] for r in ROWS]
+        assert [t.get_text().replace("\n", " ") for t in ax.get_xticklabels()] == [r["label"] for r in ROWS]
+
+
+def test_four_candidates_in_four_panels_stay_readable():
+    names = ["reference", "wrong facts", "paraphrase", "other product"]
+    rows = [{"name": n, "a": i + 0.5, "b": 1.0, "c": 0.01, "d": 0.0} for i, n in enumerate(names)]
+    panels = [(k, k, "higher") for k in "abcd"]
+    assert (
+        figure_problems(evaluation_lab.plot_metric_bars(rows, panels, name="name", xlabel="candidate")) == []
+    )
 
 
 def test_generate_and_check_scores_what_the_model_wrote(tiny_model, toy_tokenizer):

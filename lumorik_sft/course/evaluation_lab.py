@@ -8,6 +8,7 @@ in facts, not only in loss.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -84,11 +85,7 @@ def plot_metric_bars(
         values = [float(r[key]) for r in rows]
         bars = ax.bar(range(len(rows)), values, color=colors or "tab:blue")
         ax.bar_label(bars, labels=[_short(v) for v in values], padding=2, fontsize=9)
-        ax.set_xticks(range(len(rows)), names)
-        if max(map(len, names)) > 12:  # long names: slant them so they do not run into each other
-            ax.tick_params(axis="x", labelrotation=20)
-            for tick in ax.get_xticklabels():
-                tick.set_horizontalalignment("right")
+        ax.set_xticks(range(len(rows)), [textwrap.fill(n, 10) for n in names])  # long names on two lines
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{label} ({better} is better)")
         ax.set_title(label)
