@@ -7,9 +7,8 @@ examples are piled at the 256-token truncation limit, which is the padding case 
 
 from __future__ import annotations
 
-import random
-
-from lumorik_sft.course.synthetic.common import Record, check_size
+from lumorik_sft.course.synthetic.cases import case_keys
+from lumorik_sft.course.synthetic.common import Record
 
 # ----------------------------------------------------------------------------------- case summaries
 
@@ -103,32 +102,8 @@ _OUTCOMES = {
 
 
 def case_summaries(n: int = 200, seed: int = 0) -> list[Record]:
-    """Synthetic legal cases (parties, claim, facts, outcome) with 1-2 sentence summaries.
-
-    The summary is determined by the case: who sued whom, for what and for how much, and the
-    outcome; a second sentence gives the key fact.
-    """
-    check_size(
-        "case_summaries",
-        n,
-        len(_PLAINTIFFS) * len(_DEFENDANTS) * len(_CLAIMS) * 2 * len(_AMOUNTS) * len(_OUTCOMES),
-    )
-    rng = random.Random(seed)
-    seen: set[tuple] = set()
-    records: list[Record] = []
-    while len(records) < n:
-        key = (
-            rng.choice(_PLAINTIFFS),
-            rng.choice(_DEFENDANTS),
-            rng.choice(sorted(_CLAIMS)),
-            rng.randrange(2),
-            rng.choice(_AMOUNTS),
-            rng.choice(sorted(_OUTCOMES)),
-        )
-        if key not in seen:
-            seen.add(key)
-            records.append(_case_record(*key))
-    return records
+    """The long cases, drawn exactly as the course draws its own (same parties, claims, seeds)."""
+    return [_case_record(*key) for key in case_keys(n, seed)]
 
 
 def _case_record(p: str, d: str, claim: str, fact: int, amount: str, outcome: str) -> Record:

@@ -143,15 +143,19 @@ def case_summaries(n: int = 200, seed: int = 0) -> list[Record]:
     The summary is determined by the case: who sued whom, for what and for how much, and the
     outcome; a second sentence gives the key fact in a few words.
     """
+    return [_case_record(*key) for key in case_keys(n, seed)]
+
+
+def case_keys(n: int, seed: int) -> list[tuple[str, str, str, int, str, str]]:
+    """n distinct (plaintiff, defendant, claim, fact pattern, amount, outcome) draws, seeded."""
     check_size(
         "case_summaries",
         n,
         len(_PLAINTIFFS) * len(_DEFENDANTS) * len(_CLAIMS) * 2 * len(_AMOUNTS) * len(_OUTCOMES),
     )
     rng = random.Random(seed)
-    seen: set[tuple] = set()
-    records: list[Record] = []
-    while len(records) < n:
+    keys: dict[tuple, None] = {}  # insertion-ordered set
+    while len(keys) < n:
         key = (
             rng.choice(_PLAINTIFFS),
             rng.choice(_DEFENDANTS),
@@ -160,10 +164,8 @@ def case_summaries(n: int = 200, seed: int = 0) -> list[Record]:
             rng.choice(_AMOUNTS),
             rng.choice(sorted(_OUTCOMES)),
         )
-        if key not in seen:
-            seen.add(key)
-            records.append(_case_record(*key))
-    return records
+        keys.setdefault(key)
+    return list(keys)
 
 
 def _case_record(p: str, d: str, claim: str, fact: int, amount: str, outcome: str) -> Record:
