@@ -12,27 +12,8 @@ from lumorik_sft.course.synthetic.common import Record
 
 # ----------------------------------------------------------------------------------- case summaries
 
-_PLAINTIFFS = (
-    "Harbor Lane Bakery",
-    "Mira Okafor",
-    "Tessel Robotics Ltd",
-    "Jonas Feld",
-    "Greenway Cooperative",
-    "Priya Raman",
-    "Old Mill Brewing",
-    "Lucia Brandt",
-)
-_DEFENDANTS = (
-    "Northgate Property Group",
-    "Calder Logistics",
-    "Dr. Samuel Reyes",
-    "Brightpath Media",
-    "Westfield Motors",
-    "Kestrel Software Inc",
-    "Oakridge Council",
-    "Vela Apparel",
-)
-_AMOUNTS = ("12,000", "48,500", "150,000", "7,250", "320,000", "95,000")
+# The parties, amounts and the draw of each case come from the course (`case_keys`); only the long
+# texts are frozen here.
 
 # claim type -> (claim phrase, two alternative fact patterns)
 _CLAIMS: dict[str, tuple[str, tuple[str, str]]] = {
