@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from lumorik_sft import data, encoding, models, training
 from lumorik_sft.course import synthetic
+from lumorik_sft.course.experiments import before_after_table
 from lumorik_sft.course.plots import plot_loss_curves
 from lumorik_sft.defaults import recommended_learning_rate, resolve_precision
 from lumorik_sft.pipeline import EvalReport, evaluate_model, model_and_tokenizer
@@ -188,24 +189,10 @@ def _metrics_line(r: EvalReport) -> str:
     )
 
 
-def _comparison_rows(r: EvalReport) -> dict[str, float | None]:
-    """The numbers the before/after table compares: overlap with the reference, then facts."""
-    facts = r.fidelity or {}
-    return {
-        "perplexity": r.perplexity,
-        "BLEU": r.bleu,
-        "chrF": r.chrf,
-        **r.rouge,
-        "stop rate": r.stop_rate,
-        "distinct-2": r.distinct_2,
-        "fidelity": facts.get("fidelity"),
-        "all facts": facts.get("all_facts_right"),
-        "foreign/out": facts.get("foreign_per_output"),
-    }
-
-
 def _comparison_table(before: EvalReport, after: EvalReport) -> str:
-    b, a = _comparison_rows(before), _comparison_rows(after)
-    lines = [f"{'metric':<12}{'before':>10}{'after':>10}"]
-    lines += [f"{name:<12}{_fmt(b[name]):>10}{_fmt(a[name]):>10}" for name in a]
+    """`experiments.before_after_table`'s rows (the notebooks' table) as plain text."""
+    rows = before_after_table(before, after)
+    width = max(len(r["metric"]) for r in rows) + 2
+    lines = [f"{'metric':<{width}}{'before':>10}{'after':>10}"]
+    lines += [f"{r['metric']:<{width}}{_fmt(r['before']):>10}{_fmt(r['after']):>10}" for r in rows]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ Smoke run from a shell (tiny model, a few seconds on a CPU)::
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import random
 import time
@@ -472,13 +473,20 @@ def score_candidates(
     return rows
 
 
+@functools.cache
+def _course_product_prompts() -> tuple[str, ...]:
+    """The 1,000 course product prompts, built once: they define what counts as foreign."""
+    return tuple(r["prompt"] for r in synthetic.product_descriptions(1000, seed=0))
+
+
 def _fact_check(prompt: str, text: str, reference: str) -> dict[str, float]:
     """Fidelity of one product description, foreign values taken from every course product."""
     if fidelity.detect_task(prompt) != "products":
         return {}
-    others = [r["prompt"] for r in synthetic.product_descriptions(1000, seed=0)]
     aliases = synthetic.FEATURE_ALIASES
-    check = fidelity.fact_fidelity([prompt], [text], [reference], aliases=aliases, vocabulary_from=others)
+    check = fidelity.fact_fidelity(
+        [prompt], [text], [reference], aliases=aliases, vocabulary_from=_course_product_prompts()
+    )
     return {"fidelity": check.score, "foreign": check.foreign_per_output}
 
 
