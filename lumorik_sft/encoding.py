@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import render_jinja_template
 
+from lumorik_sft.chat import has_generation_markers
 from lumorik_sft.models import context_length, prepare_tokenizer
 
 IGNORE_INDEX = -100
@@ -136,6 +138,8 @@ class EncodeReport:
     dropped: Counter = field(default_factory=Counter)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    turns_dropped: int = 0  # chats: whole earlier turns dropped to fit (`fit_chat`)
+    details: dict[str, str] = field(default_factory=dict)  # the first dropped record per reason
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,6 +150,8 @@ class EncodeReport:
             "dropped": dict(self.dropped),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "turns_dropped": self.turns_dropped,
+            "details": dict(self.details),
         }
 
     def summary(self, what: str = "examples") -> str:
@@ -344,3 +350,196 @@ def render_supervision(
         else:
             parts.append(f"\x1b[42m{shown}\x1b[0m" if supervised else f"\x1b[90m{shown}\x1b[0m")
     return "".join(parts)
+
+
+# ------------------------------------------------------------------------------------- chats
+#
+# The contract for a conversation, with our chat template (`lumorik_sft.chat`): the whole chat is
+# one row; labels are the ids of every assistant reply and of the <|end|> that closes it, -100 for
+# everything else (system and user turns, role tokens, the newlines between turns)::
+#
+#     <|user|>   Hi  <|end|>  \n  <|assistant|>  Hello  <|end|>  \n
+#       -100   -100    -100  -100      -100      Hello  <|end|>  -100
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer's chat template cannot say which tokens are the assistant's."""
+
+
+def chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The tokenizer's chat template, refused unless ``{% generation %}`` marks the assistant's part.
+
+    Without the markers no token can be told apart as the assistant's, and a mask built anyway is
+    all -100: the loss would train on nothing, silently.
+    """
+    template = tokenizer.chat_template
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    if not template or not isinstance(template, str):
+        raise ChatTemplateError(
+            f"tokenizer {name} has no chat template; use a chat model (e.g. --model embedded-chat) "
+            "or set tokenizer.chat_template (see lumorik_sft.chat.add_chat_format)"
+        )
+    if not has_generation_markers(template):
+        raise ChatTemplateError(
+            f"the chat template of {name} has no {{% generation %}} markers, so no token can be "
+            "marked as the assistant's (the mask would be all -100); wrap each assistant reply and "
+            "its end-of-turn token in {% generation %}...{% endgeneration %}"
+        )
+    return template
+
+
+def special_token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Texts the tokenizer turns into a special token wherever they appear, longest first."""
+    texts = set(tokenizer.all_special_tokens)
+    texts.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return sorted((t for t in texts if t), key=len, reverse=True)
+
+
+def check_chat_text(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> None:
+    """Refuse a message containing a special token's text: it would *become* that token.
+
+    A user who types ``<|end|><|assistant|>`` would otherwise end their turn and speak as the
+    assistant (prompt injection through the template), and a reply containing ``<|end|>`` would
+    teach the model to stop mid-sentence.
+    """
+    for number, message in enumerate(messages, start=1):
+        for text in special_token_texts(tokenizer):
+            if text in message["content"]:
+                raise ValueError(
+                    f"message {number} ({message['role']}) contains {text!r}, the text of a special "
+                    "token, which the tokenizer would read as that token; remove or rewrite it"
+                )
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]
+) -> tuple[str, list[tuple[int, int]]]:
+    """The chat as the model reads it, and the character spans inside the generation markers.
+
+    The same rendering as ``tokenizer.apply_chat_template`` (which calls this renderer too).
+    """
+    rendered, spans = render_jinja_template(
+        conversations=[list(messages)],
+        chat_template=chat_template(tokenizer),
+        return_assistant_tokens_mask=True,
+        **tokenizer.special_tokens_map,
+    )
+    return rendered[0], [tuple(span) for span in spans[0]]
+
+
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[dict[str, str]],
+    max_length: int | None = None,
+    *,
+    last_turn_only: bool = False,
+) -> dict[str, list[int]]:
+    """Ids, attention mask and labels of a chat: the loss on every assistant reply and its end token.
+
+    Render the chat with its template, tokenize the text with character offsets, and supervise each
+    token that lies inside an assistant span. ``last_turn_only`` supervises the final reply only.
+    With ``max_length``, whole earlier exchanges are dropped until the chat fits (`fit_chat`);
+    a chat whose last exchange alone is too long raises ValueError.
+    """
+    check_chat_text(tokenizer, messages)
+    if max_length is not None:
+        fitted, _ = fit_chat(tokenizer, messages, max_length)
+        if fitted is None:
+            raise ValueError(f"the chat's last exchange alone is longer than {max_length} tokens")
+        messages = fitted
+    text, spans = render_chat(tokenizer, messages)
+    if last_turn_only:
+        spans = spans[-1:]
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    ids = list(encoded["input_ids"])
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, (start, end) in enumerate(encoded["offset_mapping"]):
+        if any(start < span_end and end > span_start for span_start, span_end in spans):
+            labels[i] = ids[i]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def chat_length(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> int:
+    """Tokens of the whole rendered chat."""
+    text, _ = render_chat(tokenizer, messages)
+    return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def fit_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]], max_length: int
+) -> tuple[list[dict[str, str]] | None, int]:
+    """Drop the oldest exchanges (a user turn and the reply to it) until the chat fits.
+
+    The system message and the last exchange are kept whole: no turn is ever cut in half, so no
+    reply is half supervised. Returns (messages, turns dropped), or (None, turns) when even the
+    system message and the last exchange are too long.
+    """
+    kept = list(messages)
+    dropped = 0
+    first = 1 if kept and kept[0]["role"] == "system" else 0
+    while chat_length(tokenizer, kept) > max_length:
+        if len(kept) - first <= 2:
+            return None, dropped + len(kept) - first
+        del kept[first : first + 2]
+        dropped += 2
+    return kept, dropped
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, history: Sequence[dict[str, str]]) -> list[int]:
+    """Ids of a chat so far plus the assistant's header: where the model writes its next reply.
+
+    A token prefix of the full chat once the reply is added (tested), so the model generates
+    from exactly the context it was trained on.
+    """
+    check_chat_text(tokenizer, history)
+    text = tokenizer.apply_chat_template(list(history), add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def encode_chats(
+    records: Iterable[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    last_turn_only: bool = False,
+    messages_field: str = "messages",
+) -> tuple[list[dict[str, list[int]]], EncodeReport]:
+    """Encode chat records; the report counts dropped turns and dropped chats by reason.
+
+    Reasons: ``too_long`` (the last exchange alone does not fit), ``special_token_text`` (a
+    message holds a special token's text; the first such message is kept in ``report.details``).
+    """
+    chat_template(tokenizer)  # refuse a template without markers once, before any record
+    report = EncodeReport()
+    examples: list[dict[str, list[int]]] = []
+    for record in records:
+        report.read += 1
+        messages = record[messages_field]
+        try:
+            check_chat_text(tokenizer, messages)
+        except ValueError as err:
+            _drop(report, "special_token_text", record, str(err))
+            continue
+        fitted, dropped = fit_chat(tokenizer, messages, max_length)
+        if fitted is None:
+            _drop(report, "too_long", record, f"the last exchange alone is over {max_length} tokens")
+            continue
+        example = encode_chat(tokenizer, fitted, last_turn_only=last_turn_only)
+        supervised = sum(label != IGNORE_INDEX for label in example["labels"])
+        if supervised == 0:
+            _drop(report, "no_supervised_tokens", record, "no assistant token left to train on")
+            continue
+        report.truncated += int(dropped > 0)
+        report.turns_dropped += dropped
+        report.completion_tokens += supervised
+        report.prompt_tokens += len(example["input_ids"]) - supervised
+        report.encoded += 1
+        examples.append(example)
+    assert report.read == report.encoded + sum(report.dropped.values())
+    return examples, report
+
+
+def _drop(report: EncodeReport, reason: str, record: dict[str, Any], detail: str) -> None:
+    report.dropped[reason] += 1
+    line = record.get("line")
+    report.details.setdefault(reason, f"line {line}: {detail}" if line is not None else detail)

@@ -30,6 +30,11 @@ from transformers import (
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "base-model"
+# The same model with role tokens and a chat template (`lumorik_sft.chat`), made from the base model
+# by `python -m lumorik_sft.basemodel.chat_variant`; the pair-task notebooks keep the base model.
+EMBEDDED_CHAT_MODEL_DIR = EMBEDDED_MODEL_DIR.parent / "chat-model"
+# Names that `load_model_and_tokenizer` (and every --model flag) accepts for the shipped models.
+EMBEDDED_ALIASES = {"embedded": EMBEDDED_MODEL_DIR, "embedded-chat": EMBEDDED_CHAT_MODEL_DIR}
 ARCHITECTURES = ("gpt2", "llama", "qwen2")
 
 
@@ -41,6 +46,16 @@ def embedded_model_path() -> Path:
             "rebuild it with `lumorik-sft pretrain` or pass a model name or path"
         )
     return EMBEDDED_MODEL_DIR
+
+
+def embedded_chat_model_path() -> Path:
+    """Path of the embedded model with the chat format (role tokens, template, stop token)."""
+    if not (EMBEDDED_CHAT_MODEL_DIR / "config.json").exists():
+        raise FileNotFoundError(
+            f"the embedded chat model is missing at {EMBEDDED_CHAT_MODEL_DIR}; rebuild it with "
+            "`python -m lumorik_sft.basemodel.chat_variant` or pass a model name or path"
+        )
+    return EMBEDDED_CHAT_MODEL_DIR
 
 
 def has_embedded_model() -> bool:
@@ -102,11 +117,15 @@ def load_model_and_tokenizer(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Open a causal LM and its tokenizer: the embedded model by default, or any HF name or path.
 
+    ``"embedded"`` and ``"embedded-chat"`` name the shipped models (the second has the chat format).
+
     A local folder must hold a saved model (config.json); a name that can only be a path (absolute,
     starting with `.` or `~`, or with more folders than a Hugging Face `owner/name`) and names no
     folder raises FileNotFoundError instead of Hugging Face's rules for model names.
     """
     source = str(name_or_path) if name_or_path is not None else str(embedded_model_path())
+    if source in EMBEDDED_ALIASES:
+        source = str(embedded_chat_model_path() if source == "embedded-chat" else embedded_model_path())
     source = _check_model_folder(source)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}

@@ -107,11 +107,35 @@ anything that matters. It has seen code snippets and API names from the sources 
 no safety tuning. Context is {m["context"]} tokens: longer inputs must be truncated.
 
 ## Reproduce and verify
-`lumorik-sft pretrain` (same seed, machine type, thread count and library versions) gives the
-same weights. SHA-256 of `model.safetensors`: `{card["weights_sha256"]}`.
+`lumorik-sft pretrain` (same seed, kind of CPU, thread count and library versions) gives the
+same weights, bit for bit. This one was recorded on {t["cpu"]}, {_cpu_kind(t)}.
+SHA-256 of `model.safetensors`: `{card["weights_sha256"]}`. On another kind of CPU the
+matrix kernels round differently (and 'auto' precision may choose another dtype), so the weights
+differ{_other_cpu(card)}. The chat variant (`../chat-model`) is made from these weights by a step
+that trains nothing and rebuilds bit for bit on any CPU.
 Machine-readable numbers: `card.json`; corpus details: `corpus_manifest.json`.
 """
     Path(path).write_text(text, encoding="utf-8")
+
+
+def _cpu_kind(training: dict[str, Any]) -> str:
+    """What kind of CPU the run had, read from the precision 'auto' chose on it."""
+    if training.get("device") != "cpu":
+        return f"device {training.get('device')}"
+    if training.get("precision") == "bf16":
+        return "a CPU with native bf16 (AVX512-BF16 or AMX), so 'auto' trained in bf16 autocast"
+    return "a CPU without native bf16 (e.g. AVX2 only), so 'auto' trained in fp32"
+
+
+def _other_cpu(card: dict[str, Any]) -> str:
+    """The card's record of a rerun on another kind of CPU (key ``other_cpu_rerun``), if any."""
+    rerun = card.get("other_cpu_rerun")
+    if not rerun:
+        return ""
+    return (
+        f": a rerun there gave {rerun['same']} and a validation perplexity of "
+        f"{rerun['val_perplexity']:.2f} against {card['results']['val_perplexity']:.2f}"
+    )
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
