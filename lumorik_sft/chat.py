@@ -76,13 +76,8 @@ def add_chat_format(
     `CHAT_TEMPLATE`, and makes ``<|end|>`` the tokenizer's EOS and the first stop id of the
     generation config (the old EOS stays a stop id). Refuses a tokenizer that already has them.
     """
-    present = [t for t in CHAT_TOKENS if t in tokenizer.get_vocab()]
-    if present:
-        raise ValueError(f"the tokenizer already has {', '.join(present)}; it has a chat format")
     old_eos = tokenizer.eos_token_id
-    tokenizer.add_special_tokens({"extra_special_tokens": list(CHAT_TOKENS)})
-    tokenizer.eos_token = END_OF_TURN
-    tokenizer.chat_template = CHAT_TEMPLATE
+    add_chat_tokens(tokenizer)
     _resize_embeddings(model, len(tokenizer), seed=seed, noise=noise)
     end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     stops = [end] + ([old_eos] if old_eos is not None and old_eos != end else [])
@@ -91,6 +86,20 @@ def add_chat_format(
     if tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def add_chat_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The tokenizer half of `add_chat_format`: the four special tokens, the template, EOS = <|end|>.
+
+    A model used with it needs ``len(tokenizer)`` embedding rows (`add_chat_format` adds them).
+    """
+    present = [t for t in CHAT_TOKENS if t in tokenizer.get_vocab()]
+    if present:
+        raise ValueError(f"the tokenizer already has {', '.join(present)}; it has a chat format")
+    tokenizer.add_special_tokens({"extra_special_tokens": list(CHAT_TOKENS)})
+    tokenizer.eos_token = END_OF_TURN
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def _resize_embeddings(model: PreTrainedModel, size: int, *, seed: int, noise: float) -> None:

@@ -1,4 +1,4 @@
-"""Stage 1 of the SFT pipeline: clean, de-duplicate, filter and split prompt/completion data.
+"""Stage 1 of the SFT pipeline: clean, de-duplicate, filter and split pairs and whole chats.
 
 Raw data is messy: byte-order marks, CRLF line endings, invalid UTF-8, broken JSON, duplicates that
 differ only in whitespace or Unicode form, empty answers, rows too long for the context window.
@@ -17,6 +17,11 @@ Without ``skip_invalid`` the first malformed line raises :class:`DataError` (``r
 JSON: ...``) and nothing is written. File paths in messages are shown as given by the caller.
 Reading and its errors live in `lumorik_sft.records`; this module re-exports `read_records`,
 `read_prompts`, `DataError` and `ReadResult`, so ``data.read_records(...)`` keeps working.
+
+A chat (``{"messages": [...]}``, see `lumorik_sft.conversations`) goes through every step whole:
+each message cleaned, the conversation dropped or kept as one, split by its opening. Chats are not
+length-filtered here: the chat encoder drops whole earlier turns to fit and counts them, which keeps
+a long conversation's later turns instead of losing it all.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lumorik_sft.conversations import CHAT_FORMATS, chat_counts, is_chat
 from lumorik_sft.records import (
     DataError,
     ReadResult,
@@ -46,6 +52,7 @@ if TYPE_CHECKING:  # the HF library is slow to import; only the round-trip helpe
     import datasets
 
 __all__ = [
+    "CHAT_DROP_REASONS",
     "DROP_REASONS",
     "CurationReport",
     "CurationResult",
@@ -65,7 +72,8 @@ __all__ = [
     "write_jsonl",
 ]
 
-DROP_REASONS = ("empty_prompt", "empty_completion", "duplicate", "too_long")
+DROP_REASONS = ("empty_prompt", "empty_completion", "duplicate", "too_long")  # pairs
+CHAT_DROP_REASONS = ("empty_message", "duplicate")  # chats: no too_long (see the module docstring)
 
 
 @dataclass
@@ -126,48 +134,93 @@ def curate(
     max_tokens: int | None = None,
     length_fn: Callable[[dict[str, Any]], int] | None = None,
 ) -> CurationResult:
-    """Clean both fields, then drop empty, duplicate and over-long records, in that order.
+    """Clean every text, then drop empty, duplicate and over-long records, in that order.
 
-    ``duplicate`` means the same (prompt, completion) *after cleaning* as an earlier record, so copies
-    that differ in whitespace or Unicode form are caught; the first occurrence is the one considered
-    for keeping (a duplicate of an over-long record is still counted as a duplicate). ``too_long``
-    means ``length_fn(cleaned_record) > max_tokens``: the caller supplies the length, e.g. the token
-    count of prompt + completion + EOS, because only it knows the tokenizer.
+    ``duplicate`` means the same record *after cleaning* as an earlier one (the same prompt and
+    completion, or the same whole conversation), so copies that differ in whitespace or Unicode form
+    are caught; the first occurrence is the one considered for keeping (a duplicate of an over-long
+    record is still counted as a duplicate). ``too_long`` means ``length_fn(cleaned_record) >
+    max_tokens``: the caller supplies the length, e.g. the token count of prompt + completion + EOS,
+    because only it knows the tokenizer; it applies to pairs only (chats are cut by the encoder).
+    A chat's system message left empty by cleaning is removed (it says nothing); any other empty
+    message drops the chat as ``empty_message``. ``counts`` has a key per reason that applies to
+    the records given: :data:`DROP_REASONS` for pairs, :data:`CHAT_DROP_REASONS` for chats.
     """
     if (max_tokens is None) != (length_fn is None):
         raise ValueError("give both max_tokens and length_fn (to drop over-long rows) or neither")
     kept, dropped = [], []
-    counts = dict.fromkeys(DROP_REASONS, 0)
-    seen: set[tuple[str, str]] = set()
+    reasons: Counter[str] = Counter()
+    seen: set[tuple] = set()
+    kinds: set[bool] = set()  # is_chat of each record: which drop reasons apply
     for record in records:
-        cleaned = {"prompt": clean_text(record["prompt"]), "completion": clean_text(record["completion"])}
+        kinds.add(is_chat(record))
+        cleaned = _clean_record(record)
         reason = _drop_reason(cleaned, seen, max_tokens, length_fn)
         line = record.get("line")
         if reason is None:
             kept.append({**cleaned, "line": line} if line is not None else cleaned)
         else:
-            counts[reason] += 1
+            reasons[reason] += 1
             dropped.append({"line": line, "reason": reason, **cleaned})
+    counts = {reason: reasons[reason] for reason in _reasons_for(kinds)}
     return CurationResult(kept=kept, dropped=dropped, counts=counts)
 
 
+def _reasons_for(kinds: set[bool]) -> tuple[str, ...]:
+    """The drop reasons that apply: pairs' (also when there are no records), chats', or both."""
+    applies = set(CHAT_DROP_REASONS) if True in kinds else set()
+    if False in kinds or not kinds:
+        applies |= set(DROP_REASONS)
+    order = ("empty_prompt", "empty_completion", "empty_message", "duplicate", "too_long")
+    return tuple(reason for reason in order if reason in applies)
+
+
+def _clean_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record's texts cleaned (only its text fields: ``line`` and other keys are left behind)."""
+    if not is_chat(record):
+        return {"prompt": clean_text(record["prompt"]), "completion": clean_text(record["completion"])}
+    messages = [{"role": m["role"], "content": clean_text(m["content"])} for m in record["messages"]]
+    if messages and messages[0]["role"] == "system" and not messages[0]["content"]:
+        messages = messages[1:]
+    return {"messages": messages}
+
+
 def _drop_reason(
-    record: dict[str, str],
-    seen: set[tuple[str, str]],
+    record: dict[str, Any],
+    seen: set[tuple],
     max_tokens: int | None,
     length_fn: Callable[[dict[str, Any]], int] | None,
 ) -> str | None:
-    if not record["prompt"]:
+    if is_chat(record):
+        if not all(m["content"] for m in record["messages"]):
+            return "empty_message"
+        key: tuple = ("messages", *((m["role"], m["content"]) for m in record["messages"]))
+    elif not record["prompt"]:
         return "empty_prompt"
-    if not record["completion"]:
+    elif not record["completion"]:
         return "empty_completion"
-    key = (record["prompt"], record["completion"])
+    else:
+        key = (record["prompt"], record["completion"])
     if key in seen:
         return "duplicate"
     seen.add(key)
-    if max_tokens is not None and length_fn is not None and length_fn(record) > max_tokens:
-        return "too_long"
-    return None
+    if is_chat(record) or max_tokens is None or length_fn is None:
+        return None
+    return "too_long" if length_fn(record) > max_tokens else None
+
+
+def _opening(record: dict[str, Any]) -> str | tuple[str, str]:
+    """What a split must not share: a pair's prompt; a chat's system message and first user turn.
+
+    For a chat that is the prompt of its first exchange, as a pair's prompt is: a validation chat
+    opening with a question seen in training (under the same instructions) would leak its answer.
+    """
+    if not is_chat(record):
+        return clean_text(record["prompt"])
+    messages = record["messages"]
+    system = clean_text(messages[0]["content"]) if messages[0]["role"] == "system" else ""
+    first_user = next(m["content"] for m in messages if m["role"] == "user")
+    return (system, clean_text(first_user))
 
 
 def split_records(
@@ -175,15 +228,16 @@ def split_records(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Split into (train, val) so that no prompt appears in both: a shared prompt would leak answers.
 
-    Records are grouped by cleaned prompt; groups are shuffled with ``random.Random(seed)`` and
-    added to validation greedily whenever that brings its size closer to ``round(n * val_fraction)``.
-    With unique prompts the size is exact (1,000 at 10% -> 900/100). Both splits keep input order.
+    Records are grouped by cleaned prompt (a chat by its cleaned system message and first user
+    message); groups are shuffled with ``random.Random(seed)`` and added to validation greedily
+    whenever that brings its size closer to ``round(n * val_fraction)``. With unique prompts the
+    size is exact (1,000 at 10% -> 900/100). Both splits keep input order.
     """
     if not 0.0 <= val_fraction <= 1.0:
         raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    groups: dict[str, list[int]] = {}
+    groups: dict[str | tuple[str, str], list[int]] = {}
     for index, record in enumerate(records):
-        groups.setdefault(clean_text(record["prompt"]), []).append(index)
+        groups.setdefault(_opening(record), []).append(index)
     order = list(groups.values())
     random.Random(seed).shuffle(order)
     target = round(len(records) * val_fraction)
@@ -263,6 +317,8 @@ class CurationReport:
     seed: int
     val_fraction: float
     max_tokens: int | None = None
+    input_format: str | None = None  # what the records were read as; None: no record recognised
+    chats: dict[str, int] | None = None  # conversations, turns, assistant turns kept; None for pairs
 
     def __post_init__(self) -> None:
         accounted = self.kept + sum(self.dropped.values()) + self.rejected
@@ -279,9 +335,15 @@ class CurationReport:
         rows += [("dropped", sum(self.dropped.values()))]
         rows += [(f"  {reason}", n) for reason, n in self.dropped.items()]
         rows += [("kept", self.kept), ("  train", self.train), ("  val", self.val)]
+        settings = f"seed={self.seed}, val_fraction={self.val_fraction}"
+        if self.chats is not None:
+            rows += [(f"{name.replace('_', ' ')} kept", n) for name, n in self.chats.items()]
+            settings += f", format={self.input_format}"
         width = max(len(label) for label, _ in rows)
-        lines = [f"Curation of {self.source} (seed={self.seed}, val_fraction={self.val_fraction})"]
+        lines = [f"Curation of {self.source} ({settings})"]
         lines += [f"  {label:<{width}}  {n:>7,}" for label, n in rows]
+        if self.chats is not None and self.max_tokens is not None:
+            lines.append("  chats are not length-filtered: the chat encoder drops earlier turns to fit")
         return "\n".join(lines)
 
 
@@ -297,6 +359,7 @@ def run_curation(
     prompt_field: str = "prompt",
     completion_field: str = "completion",
     messages_field: str = "messages",
+    input_format: str = "auto",
 ) -> CurationReport:
     """Read -> curate -> split, then write ``train.jsonl``, ``val.jsonl`` and ``report.json``.
 
@@ -304,7 +367,9 @@ def run_curation(
     written, empty if nothing was rejected, so scripts can rely on it; without it any stale
     ``rejects.jsonl`` is removed. Everything is validated before anything is written, and files are
     renamed into place only once all are written: on a malformed input :class:`DataError` is raised
-    and ``out_dir`` is left untouched (not even created). Kept files hold only prompt and completion.
+    and ``out_dir`` is left untouched (not even created). Kept files hold only prompt and
+    completion, or for chats (``input_format`` "messages", "alpaca", "sharegpt", or "auto" finding
+    one of them) only ``messages``; the report then counts the kept conversations and turns.
     """
     if (max_tokens is None) != (length_fn is None):
         raise ValueError("give both max_tokens and length_fn (to drop over-long rows) or neither")
@@ -313,6 +378,7 @@ def run_curation(
         prompt_field=prompt_field,
         completion_field=completion_field,
         messages_field=messages_field,
+        input_format=input_format,
         skip_invalid=skip_invalid,
     )
     curated = curate(read.records, max_tokens=max_tokens, length_fn=length_fn)
@@ -329,6 +395,8 @@ def run_curation(
         seed=seed,
         val_fraction=val_fraction,
         max_tokens=max_tokens,
+        input_format=read.format,
+        chats=chat_counts(curated.kept) if read.format in CHAT_FORMATS else None,
     )
     out = Path(out_dir)
     files = {
@@ -345,7 +413,10 @@ def run_curation(
     return report
 
 
-def _public(record: dict[str, Any]) -> dict[str, str]:
+def _public(record: dict[str, Any]) -> dict[str, Any]:
+    """What a curated file holds: the texts, without ``line``."""
+    if is_chat(record):
+        return {"messages": record["messages"]}
     return {"prompt": record["prompt"], "completion": record["completion"]}
 
 
@@ -353,17 +424,18 @@ def _public(record: dict[str, Any]) -> dict[str, str]:
 
 
 def to_hf_dataset(records: Sequence[dict[str, Any]]) -> datasets.Dataset:
-    """Records -> ``datasets.Dataset`` with exactly the columns ``prompt`` and ``completion``."""
+    """Records -> ``datasets.Dataset`` with exactly the columns ``prompt`` and ``completion``, or for
+    chats the one column ``messages`` (a list of ``{role, content}`` per row, as TRL reads it)."""
     import datasets
 
-    return datasets.Dataset.from_dict(
-        {
-            "prompt": [r["prompt"] for r in records],
-            "completion": [r["completion"] for r in records],
-        }
-    )
+    kinds = {is_chat(r) for r in records}
+    if len(kinds) > 1:
+        raise ValueError("records mix chats and prompt/completion pairs: a dataset holds one kind")
+    rows = [_public(r) for r in records]
+    columns = ["messages"] if kinds == {True} else ["prompt", "completion"]
+    return datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in columns})
 
 
-def from_hf_dataset(ds: datasets.Dataset) -> list[dict[str, str]]:
-    """``datasets.Dataset`` (or any iterable of rows) -> list of prompt/completion dicts."""
-    return [{"prompt": row["prompt"], "completion": row["completion"]} for row in ds]
+def from_hf_dataset(ds: datasets.Dataset) -> list[dict[str, Any]]:
+    """``datasets.Dataset`` (or any iterable of rows) -> prompt/completion dicts, or chats."""
+    return [_public(row) for row in ds]

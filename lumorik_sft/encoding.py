@@ -496,6 +496,32 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, history: Sequence[dict[s
     return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
+def encode_chat_prompts_for_generation(
+    tokenizer: PreTrainedTokenizerBase,
+    histories: Sequence[Sequence[dict[str, str]]],
+    *,
+    max_prompt_tokens: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Left-padded batch of chats so far, each ending in the assistant's header.
+
+    A history too long for ``max_prompt_tokens`` loses whole early exchanges (never half a turn).
+    """
+    prepare_tokenizer(tokenizer)
+    rows = []
+    for history in histories:
+        kept = list(history)
+        first = 1 if kept and kept[0]["role"] == "system" else 0
+        ids = chat_prompt_ids(tokenizer, kept)
+        while max_prompt_tokens is not None and len(ids) > max_prompt_tokens and len(kept) - first > 1:
+            del kept[first : first + 2]
+            ids = chat_prompt_ids(tokenizer, kept)
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            raise ValueError(f"the last user turn alone is longer than {max_prompt_tokens} tokens")
+        rows.append(ids)
+    collate = SFTCollator(tokenizer.pad_token_id, padding_side="left")
+    return collate([{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows])
+
+
 def encode_chats(
     records: Iterable[dict[str, Any]],
     tokenizer: PreTrainedTokenizerBase,

@@ -17,6 +17,10 @@ scores low. Fidelity checks the facts instead, for the four structured tasks of 
   the order number, the product and the remedy the policy gives for the issue must be named;
   another order's number, product or remedy is foreign.
 
+Chats have their own check, **fact use** (:func:`history_fact_use`, :func:`fact_use_report`): does
+the last reply repeat, correctly, the order number and product the customer gave in earlier
+turns, where the reference reply repeats them? A model that ignores the history cannot.
+
 A fact is a phrase with alternative forms (``Fact``); the facts of one example form a
 ``FactSheet``. Matching is on words, case- and hyphen-insensitive, longest phrase first, each
 match using up its words: "vegan leather" states that material, not also the foreign material
@@ -424,3 +428,152 @@ def fact_fidelity(
     report = FidelityReport(sheets[0].task, unchecked=sum(len(s.unchecked) for s in sheets))
     report.per_output = [score_output(p, s) for p, s in zip(predictions, sheets, strict=True)]
     return report
+
+
+# ----------------------------------------------------------------- facts from earlier chat turns
+# A chat's last reply often has to repeat what the customer said turns ago ("It is 48213, a desk
+# lamp."). Fact use checks it: of the facts the user turns state and the reference reply repeats,
+# which does the candidate repeat correctly? Naming another order number or another product of
+# the catalogue is wrong, not half right. Products come from a list the caller passes (the core
+# knows no catalogue); order numbers are any five-digit number.
+
+ORDER_NUMBER = re.compile(r"(?<!\d)\d{5}(?!\d)")
+FACT_USE_KEYS = ("order", "product")
+
+
+def stated_values(text: str, key: str, products: Sequence[str] = ()) -> set[str]:
+    """The order numbers (``key="order"``) or products from ``products`` that ``text`` names."""
+    if key == "order":
+        return set(ORDER_NUMBER.findall(text))
+    if key == "product":
+        return spotted(normalize(text), [Fact(p, (p,)) for p in products])
+    raise ValueError(f"unknown fact key {key!r}: choose from {FACT_USE_KEYS}")
+
+
+def history_facts(
+    history: Sequence[Mapping[str, str]], products: Sequence[str] = (), keys: Sequence[str] = FACT_USE_KEYS
+) -> dict[str, set[str]]:
+    """What the customer said in the user turns of ``history``: {"order": {...}, "product": {...}}."""
+    said: dict[str, set[str]] = {key: set() for key in keys}
+    for message in history:
+        if message["role"] == "user":  # one message at a time: no product spans two turns
+            for key in keys:
+                said[key] |= stated_values(message["content"], key, products)
+    return said
+
+
+@dataclass(frozen=True)
+class FactUse:
+    """One reply: the keys whose history values the reference repeats, and how the candidate did.
+
+    ``right``: every such value named and no other value of that key; ``wrong``: another value
+    named (another order number, another product); the rest are missing.
+    """
+
+    expected: tuple[str, ...]
+    right: tuple[str, ...]
+    wrong: tuple[str, ...]
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        return tuple(k for k in self.expected if k not in self.right and k not in self.wrong)
+
+
+def history_fact_use(
+    history: Sequence[Mapping[str, str]],
+    candidate: str,
+    reference: str,
+    *,
+    products: Sequence[str] = (),
+    keys: Sequence[str] = FACT_USE_KEYS,
+) -> FactUse:
+    """Does ``candidate`` repeat the history's facts that ``reference`` repeats, and no others?
+
+    >>> chat = [{"role": "user", "content": "It is 48213, a desk lamp."}]
+    >>> reference = "Your desk lamp from order 48213 ships today."
+    >>> history_fact_use(chat, "Your desk lamp from order 48210 ships today.", reference,
+    ...                  products=["desk lamp", "hair dryer"])
+    FactUse(expected=('order', 'product'), right=('product',), wrong=('order',))
+    """
+    if "product" in keys and not products:
+        raise ValueError("pass products=[...] (the product names to look for), or keys=('order',)")
+    said = history_facts(history, products, keys)
+    expected, right, wrong = [], [], []
+    for key in keys:
+        in_reference = stated_values(reference, key, products)
+        needed = said[key] & in_reference
+        if not needed:
+            continue  # the reference repeats nothing of this key: nothing to check
+        named = stated_values(candidate, key, products)
+        expected.append(key)
+        if named - in_reference:  # a value the reference does not state: another order, product
+            wrong.append(key)
+        elif needed <= named:
+            right.append(key)
+    return FactUse(tuple(expected), tuple(right), tuple(wrong))
+
+
+@dataclass
+class FactUseReport:
+    """Fact use over a set of chats: every (chat, key) pair the reference repeats counts once."""
+
+    per_chat: list[FactUse]
+
+    def _pairs(self, key: str | None) -> list[tuple[FactUse, str]]:
+        return [(u, k) for u in self.per_chat for k in u.expected if key in (None, k)]
+
+    def rate(self, key: str | None = None) -> float | None:
+        """Share of checked pairs (of ``key``, or all) repeated correctly; None if none is checked."""
+        pairs = self._pairs(key)
+        return sum(k in u.right for u, k in pairs) / len(pairs) if pairs else None
+
+    def wrong_rate(self, key: str | None = None) -> float | None:
+        """Share of checked pairs where the candidate named another value (a wrong order number)."""
+        pairs = self._pairs(key)
+        return sum(k in u.wrong for u, k in pairs) / len(pairs) if pairs else None
+
+    def summary(self) -> dict[str, float | int | None]:
+        """The headline numbers, for a report or a JSON file."""
+        keys = sorted({k for u in self.per_chat for k in u.expected})
+        return {
+            "fact_use": self.rate(),
+            **{f"fact_use_{k}": self.rate(k) for k in keys},
+            "wrong": self.wrong_rate(),
+            "checked": len(self._pairs(None)),
+        }
+
+
+def fact_use_report(
+    histories: Sequence[Sequence[Mapping[str, str]]],
+    candidates: Sequence[str],
+    references: Sequence[str],
+    *,
+    products: Sequence[str] = (),
+    keys: Sequence[str] = FACT_USE_KEYS,
+) -> FactUseReport:
+    """:func:`history_fact_use` for each chat (history, candidate reply, reference reply)."""
+    if isinstance(candidates, str) or not len(histories) == len(candidates) == len(references):
+        raise ValueError(
+            f"need one candidate and one reference per history: got {len(histories)} histories, "
+            f"{len(candidates)} candidates, {len(references)} references"
+        )
+    uses = [
+        history_fact_use(h, c, r, products=products, keys=keys)
+        for h, c, r in zip(histories, candidates, references, strict=True)
+    ]
+    return FactUseReport(uses)
+
+
+def fact_use_rate(
+    histories: Sequence[Sequence[Mapping[str, str]]],
+    candidates: Sequence[str],
+    references: Sequence[str],
+    *,
+    products: Sequence[str] = (),
+    keys: Sequence[str] = FACT_USE_KEYS,
+) -> float:
+    """Share of (chat, fact) pairs the reference repeats that the candidate repeats correctly."""
+    rate = fact_use_report(histories, candidates, references, products=products, keys=keys).rate()
+    if rate is None:
+        raise ValueError("no reference repeats an order number or product from its history: nothing to check")
+    return rate

@@ -6,13 +6,42 @@ composes the stage modules (encoding, metrics, generation); the CLI only parses 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lumorik_sft import encoding, generation, metrics, models
-from lumorik_sft.fidelity import FidelityReport, detect_task, fact_fidelity
+from lumorik_sft.conversations import is_chat, split_last_reply
+from lumorik_sft.fidelity import FidelityReport, detect_task, fact_fidelity, fact_use_report
+
+CHAT_MODEL = "embedded-chat"  # the default model for chat data: the embedded model has no template
+
+
+def is_chat_data(records: list[dict[str, Any]]) -> bool:
+    """True for a data set of chats (``{"messages": [...]}``); a file holds one kind only."""
+    return bool(records) and is_chat(records[0])
+
+
+def default_model(records: list[dict[str, Any]], requested: str | None) -> str | None:
+    """The model asked for; else the embedded chat model for chats, the embedded model for pairs."""
+    if requested is not None:
+        return requested
+    return CHAT_MODEL if is_chat_data(records) else None
+
+
+def encode_data(
+    records: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int,
+    last_turn_only: bool = False,
+) -> tuple[list[dict[str, list[int]]], encoding.EncodeReport]:
+    """Chats through the chat template (loss on every assistant reply), pairs as prompt + completion."""
+    if is_chat_data(records):
+        return encoding.encode_chats(records, tokenizer, max_length=max_length, last_turn_only=last_turn_only)
+    return encoding.encode_records(records, tokenizer, max_length=max_length)
 
 
 def model_and_tokenizer(
@@ -50,6 +79,8 @@ class EvalReport:
     stop_rate: float | None = None  # share of outputs ended by EOS before the token limit
     distinct_2: float | None = None  # unique / all word bigrams: low means repetition
     fidelity: dict[str, Any] | None = None  # `FidelityReport.summary()`, for course-format prompts
+    fact_use: dict[str, Any] | None = None  # chats: `FactUseReport.summary()`, facts from earlier turns
+    histories: list[list[dict[str, str]]] = field(default_factory=list)  # chats: what each reply saw
     predictions: list[str] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
@@ -71,6 +102,7 @@ def evaluate_model(
     n_generate: int | None = None,
     max_new_tokens: int = 96,
     fact_aliases: dict[str, tuple[str, ...]] | None = None,
+    fact_products: Sequence[str] = (),
     progress: bool = False,
 ) -> EvalReport:
     """Token-weighted loss and perplexity on all records; generation metrics on the first `n_generate`.
@@ -78,26 +110,39 @@ def evaluate_model(
     Generation metrics: BLEU, ROUGE, chrF, stop rate, distinct-2 and, when the prompts are in
     one of the course's formats (`fidelity.detect_task`), fact fidelity (``fact_aliases`` go to
     it). ``max_length`` defaults to 256 tokens or the model's context, whichever is shorter.
+
+    Chats (``{"messages": [...]}``): the loss is over every assistant token; the model writes
+    each chat's last reply from the turns before it, stopping at its end-of-turn token; fact use
+    checks the order numbers (and ``fact_products``) the earlier turns stated.
     """
     max_length = encoding.fit_max_length(model, max_length)
-    examples, _ = encoding.encode_records(records, tokenizer, max_length=max_length)
+    examples, _ = encode_data(records, tokenizer, max_length=max_length)
     collate = encoding.SFTCollator(tokenizer.pad_token_id)
     batches = (collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size))
     result = metrics.evaluate_loss(model, batches)
     report = EvalReport(loss=result.loss, perplexity=result.perplexity, n_tokens=result.n_tokens)
     chosen = records if n_generate is None else records[:n_generate]
-    if chosen:
+    if not chosen:
+        return report
+    options = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "progress": progress}
+    if is_chat_data(records):
+        splits = [split_last_reply(r["messages"]) for r in chosen]
+        report.histories = [history for history, _ in splits]
+        report.references = [reply for _, reply in splits]
+        report.prompts = [h[-1]["content"] for h in report.histories]  # the turn being answered
+        done = generation.generate_replies(model, tokenizer, report.histories, **options)
+    else:
         report.prompts = [r["prompt"] for r in chosen]
         report.references = [r["completion"] for r in chosen]
-        report.predictions, stopped = generation.generate_with_stops(
-            model,
-            tokenizer,
-            report.prompts,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            progress=progress,
+        done = generation.generate_detailed(model, tokenizer, report.prompts, **options)
+    report.predictions = [c.text for c in done]
+    _score_generations(report, [c.stopped for c in done], fact_aliases)
+    if report.histories:
+        keys = ("order", "product") if fact_products else ("order",)
+        uses = fact_use_report(
+            report.histories, report.predictions, report.references, products=fact_products, keys=keys
         )
-        _score_generations(report, stopped, fact_aliases)
+        report.fact_use = uses.summary() if uses.rate() is not None else None
     return report
 
 

@@ -1,10 +1,12 @@
-"""Reading prompt/completion records from JSONL and CSV files, and naming every bad row.
+"""Reading prompt/completion pairs and chats from JSONL and CSV files, and naming every bad row.
 
 Raw files are messy: byte-order marks, CRLF line endings, invalid UTF-8, broken JSON, a CSV quote
-never closed. `read_records` returns every good row as ``{"prompt", "completion", "line"}`` and
-either stops at the first bad one with a :class:`DataError` whose message is ``path:line: problem``
-(field named where a field is at fault), or, with ``skip_invalid``, lists it in ``.rejects`` with
-a reason code and goes on, so that ``n_read == len(records) + len(rejects)``.
+never closed, a chat whose turns do not alternate. `read_records` returns every good row, a pair as
+``{"prompt", "completion", "line"}`` or a whole chat as ``{"messages": [...], "line"}`` (``messages``
+records, or Alpaca and ShareGPT ones converted by `lumorik_sft.conversations`), and either stops at
+the first bad one with a :class:`DataError` whose message is ``path:line: problem`` (field and turn
+named where they are at fault), or, with ``skip_invalid``, lists it in ``.rejects`` with a reason
+code and goes on, so that ``n_read == len(records) + len(rejects)``.
 
 `lumorik_sft.data` cleans, de-duplicates, filters and splits what this module reads.
 """
@@ -19,6 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lumorik_sft.conversations import (
+    INPUT_FORMATS,
+    alpaca_to_messages,
+    detect_format,
+    messages_to_prompt_completion,
+    sharegpt_to_messages,
+    validate_messages,
+)
+
+__all__ = [
+    "DataError",
+    "ReadResult",
+    "messages_to_prompt_completion",
+    "read_prompts",
+    "read_records",
+]
 JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson", ".json")
 CSV_SUFFIXES = (".csv",)
 _BOM = b"\xef\xbb\xbf"
@@ -51,67 +69,118 @@ class ReadResult:
     records: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     n_read: int = 0
+    format: str | None = None  # "pairs", "messages", "alpaca" or "sharegpt"; None: no record recognised
 
 
-# ------------------------------------------------------------------------------------ chat records
+# ----------------------------------------------------------------------------------------- records
 
 
-def messages_to_prompt_completion(messages: Any) -> tuple[str, str]:
-    """Turn a chat (list of ``{role, content}``) into a prompt/completion pair.
+@dataclass(frozen=True)
+class _Fields:
+    """The field names a file's records use (pairs and the ``messages`` chat format)."""
 
-    The completion is the final message, which must come from the assistant. The prompt renders the
-    messages before it: their contents joined by a blank line. If an earlier assistant turn is among
-    them (a multi-turn chat), every message is prefixed with its role (``User: ...``) so the turns
-    stay distinguishable. Raises ValueError naming the problem.
-
-    >>> messages_to_prompt_completion([{"role": "system", "content": "Be brief."},
-    ...     {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}])
-    ('Be brief.\\n\\nHi?', 'Hello.')
-    """
-    if not isinstance(messages, list):
-        raise ValueError(f"'messages' must be a list, got {type(messages).__name__}")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"message {i} must be an object, got {type(message).__name__}")
-        for key in ("role", "content"):
-            if not isinstance(message.get(key), str):
-                got = type(message[key]).__name__ if key in message else "nothing"
-                raise ValueError(f"message {i} field '{key}' must be a string, got {got}")
-        if message["role"] not in ("system", "user", "assistant"):
-            raise ValueError(f"message {i} has unknown role {message['role']!r}")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError("'messages' has no assistant message")
-    if messages[-1]["role"] != "assistant":
-        raise ValueError("'messages' must end with an assistant message (the completion)")
-    context = messages[:-1]
-    if any(m["role"] == "assistant" for m in context):
-        parts = [f"{m['role'].capitalize()}: {m['content']}" for m in context]
-    else:
-        parts = [m["content"] for m in context]
-    return "\n\n".join(parts), messages[-1]["content"]
+    prompt: str = "prompt"
+    completion: str | None = "completion"  # None: prompts only (`read_prompts`)
+    messages: str = "messages"
 
 
-def _to_record(
-    obj: Any, prompt_field: str, completion_field: str | None, messages_field: str | None
-) -> dict[str, Any]:
-    """Validate one parsed row and return ``{"prompt", "completion"}`` (only ``{"prompt"}`` when
-    ``completion_field`` is None); raise _RowError if bad."""
-    if isinstance(obj, _RowError):  # what `_jsonl_rows` yields for a line it could not parse
-        raise obj
-    if not isinstance(obj, dict):
-        raise _RowError("not_object", f"expected a JSON object, got {type(obj).__name__}")
-    if messages_field is not None and messages_field in obj:
-        try:
-            prompt, completion = messages_to_prompt_completion(obj[messages_field])
-        except ValueError as err:
-            raise _RowError("malformed_messages", str(err)) from None
-        return _check_unicode(
-            {"prompt": prompt, "completion": completion},
-            {"prompt": messages_field, "completion": messages_field},
-        )
-    names = {"prompt": prompt_field, "completion": completion_field}
+def _pair_record(obj: Any, fields: _Fields) -> dict[str, Any]:
+    """``{"prompt", "completion"}`` (only ``{"prompt"}`` when there is no completion field)."""
+    names = {"prompt": fields.prompt, "completion": fields.completion}
     names = {key: name for key, name in names.items() if name is not None}
     return _check_unicode({key: _string_field(obj, name) for key, name in names.items()}, names)
+
+
+# What a chat's turns are counted in, for the reason of a bad one ("messages" names its own field).
+_CHAT_FIELDS = {"alpaca": "", "sharegpt": "field 'conversations': "}
+
+
+def _convert(obj: dict[str, Any], input_format: str, fields: _Fields) -> list[dict[str, str]]:
+    """The row's chat, by its format's converter; the ValueError names the field and the turn."""
+    if input_format == "alpaca":
+        return alpaca_to_messages(obj)
+    if input_format == "sharegpt":
+        return sharegpt_to_messages(obj)
+    try:
+        return validate_messages(obj[fields.messages])
+    except ValueError as err:
+        raise ValueError(f"field '{fields.messages}': {err}") from None
+
+
+def _chat_record(obj: dict[str, Any], input_format: str, fields: _Fields) -> dict[str, Any]:
+    """``{"messages": [...]}``, validated; a bad chat is a reject with the turn and the problem."""
+    if input_format == "messages" and fields.messages not in obj:
+        raise _RowError("missing_field", f"missing field '{fields.messages}'")
+    try:
+        messages = _convert(obj, input_format, fields)
+    except ValueError as err:
+        raise _RowError(f"malformed_{input_format}", str(err)) from None
+    where = _CHAT_FIELDS.get(input_format, f"field '{fields.messages}': ")
+    for turn, message in enumerate(messages, start=1):
+        problem = _lone_surrogate(message["content"])
+        if problem:
+            raise _RowError(
+                "invalid_unicode", f"{where}turn {turn} ({message['role']}) content holds {problem}"
+            )
+    return {"messages": messages}
+
+
+class _RowFormat:
+    """The format of each row of one file: the one asked for, or under ``auto`` the first record's.
+
+    One file holds one format: under ``auto`` a row whose fields say another format than the first
+    recognised record's is rejected (``mixed_formats``), naming that first record's line, so a chat
+    file never silently turns some of its rows into pairs or the reverse.
+    """
+
+    def __init__(self, input_format: str, fields: _Fields) -> None:
+        self.fields, self.requested = fields, input_format
+        self.format = None if input_format == "auto" else input_format
+        self.first_line: int | None = None
+
+    def record(self, line: int, obj: Any) -> dict[str, Any]:
+        """Validate one parsed row and return its record; raise _RowError if bad."""
+        if isinstance(obj, _RowError):  # what `_jsonl_rows` yields for a line it could not parse
+            raise obj
+        if not isinstance(obj, dict):
+            raise _RowError("not_object", f"expected a JSON object, got {type(obj).__name__}")
+        input_format = self._format_of(line, obj)
+        if input_format == "pairs":
+            return _pair_record(obj, self.fields)
+        return _chat_record(obj, input_format, self.fields)
+
+    def _format_of(self, line: int, obj: dict[str, Any]) -> str:
+        if self.requested != "auto":
+            return self.requested
+        f = self.fields
+        try:
+            found = detect_format(
+                obj,
+                prompt_field=f.prompt,
+                completion_field=f.completion or f.prompt,
+                messages_field=f.messages,
+            )
+        except ValueError as err:  # no known field: the file's format says what is missing
+            if self.format is None:
+                raise _RowError("missing_field", str(err)) from None
+            return self.format
+        if self.format is None:
+            self.format, self.first_line = found, line
+        elif found != self.format:
+            raise _RowError(
+                "mixed_formats",
+                f"a {_FORMAT_NAMES[found]} record in a file of {_FORMAT_NAMES[self.format]} records "
+                f"(the first record, line {self.first_line}, is one); one file holds one format",
+            )
+        return found
+
+
+_FORMAT_NAMES = {
+    "pairs": "prompt/completion",
+    "messages": "chat ('messages')",
+    "alpaca": "Alpaca",
+    "sharegpt": "ShareGPT",
+}
 
 
 def _string_field(obj: dict[str, Any], name: str) -> str:
@@ -122,18 +191,24 @@ def _string_field(obj: dict[str, Any], name: str) -> str:
     return obj[name]
 
 
+def _lone_surrogate(text: str) -> str | None:
+    """What makes text unwritable as UTF-8 (JSON's escapes allow a lone surrogate), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (
+            f"a lone surrogate U+{ord(text[err.start]):04X} at character {err.start + 1}, "
+            "which UTF-8 cannot encode"
+        )
+    return None
+
+
 def _check_unicode(record: dict[str, str], names: dict[str, str]) -> dict[str, str]:
-    """Reject text that cannot be written back as UTF-8: JSON's escapes allow a lone surrogate."""
+    """Reject a record with a field that cannot be written back as UTF-8."""
     for key, text in record.items():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise _RowError(
-                "invalid_unicode",
-                f"field '{names.get(key, key)}' holds a lone "
-                f"surrogate U+{ord(text[err.start]):04X} at character {err.start + 1}, "
-                "which UTF-8 cannot encode",
-            ) from None
+        problem = _lone_surrogate(text)
+        if problem:
+            raise _RowError("invalid_unicode", f"field '{names.get(key, key)}' holds {problem}")
     return record
 
 
@@ -194,12 +269,13 @@ def _jsonl_rows(data: bytes) -> Iterator[tuple[int, str, Any]]:
             yield lineno, text, _RowError("invalid_json", f"invalid JSON: {err.msg} (column {err.colno})")
 
 
-def _read_jsonl(path: str, data: bytes, fields: tuple, out: _Collector) -> None:
+def _read_jsonl(data: bytes, rows: _RowFormat, out: _Collector) -> None:
     for lineno, text, obj in _jsonl_rows(data):
         try:
-            out.add(lineno, _to_record(obj, *fields))
+            out.add(lineno, rows.record(lineno, obj))
         except _RowError as err:
             out.reject(lineno, err, text)
+    out.result.format = rows.format
 
 
 def read_prompts(path: str | os.PathLike, *, prompt_field: str = "prompt") -> list[str]:
@@ -208,7 +284,7 @@ def read_prompts(path: str | os.PathLike, *, prompt_field: str = "prompt") -> li
     prompts = []
     for lineno, _, obj in _jsonl_rows(Path(name).read_bytes()):
         try:
-            prompts.append(_to_record(obj, prompt_field, None, None)["prompt"])
+            prompts.append(_RowFormat("pairs", _Fields(prompt_field, None)).record(lineno, obj)["prompt"])
         except _RowError as err:
             raise DataError(name, lineno, err.reason, err.code) from None
     return prompts
@@ -218,14 +294,15 @@ def _is_blank_row(row: list[str]) -> bool:
     return not row or (len(row) == 1 and not row[0].strip(_JSON_SPACE))
 
 
-def _read_csv(path: str, data: bytes, fields: tuple, out: _Collector) -> None:
+def _read_csv(path: str, data: bytes, fields: _Fields, out: _Collector) -> None:
     """Read CSV with the csv module, reporting the physical line where each row *starts*.
 
     Lines are decoded one by one (a bad byte rejects only its row) and fed to ``csv.reader``;
     ``reader.line_num`` counts lines consumed, so a row starts at the previous line_num + 1 even when
     an earlier quoted field spanned several lines.
     """
-    prompt_field, completion_field, _ = fields
+    prompt_field, completion_field = fields.prompt, fields.completion
+    out.result.format = "pairs"
     lines, utf8_errors = [], {}
     for lineno, raw in enumerate(_physical_lines(data), start=1):
         text, err = _decode_line(raw)
@@ -262,10 +339,10 @@ def _read_csv(path: str, data: bytes, fields: tuple, out: _Collector) -> None:
                 reason += f'; a quote (") opened here is never closed, so the row runs to line {end}'
             out.reject(start, _RowError("wrong_columns", reason), raw_row)
         else:
-            # CSV cells are always strings; a chat 'messages' column is not supported in CSV.
+            # CSV cells are always strings: CSV holds pairs only, never chats.
             row_dict = dict(zip(header, row, strict=True))  # lengths checked above
             try:
-                out.add(start, _to_record(row_dict, prompt_field, completion_field, None))
+                out.add(start, _pair_record(row_dict, fields))
             except _RowError as err:
                 out.reject(start, err, raw_row)
     if header is None:
@@ -295,28 +372,43 @@ def read_records(
     prompt_field: str = "prompt",
     completion_field: str = "completion",
     messages_field: str = "messages",
+    input_format: str = "auto",
     skip_invalid: bool = False,
 ) -> ReadResult:
-    """Read prompt/completion records from a ``.jsonl`` (JSON Lines) or ``.csv`` file.
+    """Read prompt/completion pairs or whole chats from a ``.jsonl`` (JSON Lines) or ``.csv`` file.
 
-    UTF-8 with or without BOM, LF or CRLF. Each record comes back as ``{"prompt", "completion",
-    "line"}`` (the 1-based physical line where it starts). JSONL records may instead carry a chat in
-    ``messages_field`` (see :func:`messages_to_prompt_completion`). Malformed rows (bad UTF-8, bad
-    JSON, missing or non-string fields, wrong CSV column count) raise :class:`DataError` unless
-    ``skip_invalid``, in which case they are listed in ``.rejects`` and reading goes on.
-    ``.n_read`` counts data rows (blank lines and the CSV header excluded), rejected ones included.
+    UTF-8 with or without BOM, LF or CRLF. A pair comes back as ``{"prompt", "completion", "line"}``
+    (the 1-based physical line where it starts), a chat as ``{"messages": [...], "line"}``, checked
+    by :func:`~lumorik_sft.conversations.validate_messages` and never flattened (for that, call
+    :func:`messages_to_prompt_completion`). ``input_format`` is ``"pairs"``, ``"messages"`` (a chat
+    in ``messages_field``), ``"alpaca"`` or ``"sharegpt"`` (converted per row to a chat), or
+    ``"auto"``: each row's fields say its format, and the first recognised record fixes the file's
+    (``.format``); rows in another format are rejected as ``mixed_formats``. CSV holds pairs only.
+    Malformed rows (bad UTF-8, bad JSON, missing or non-string fields, a malformed chat, wrong CSV
+    column count) raise :class:`DataError` unless ``skip_invalid``, in which case they are listed in
+    ``.rejects`` and reading goes on. ``.n_read`` counts data rows (blank lines and the CSV header
+    excluded), rejected ones included.
     """
+    if input_format not in INPUT_FORMATS:
+        raise ValueError(f"unknown input format {input_format!r}: use one of {', '.join(INPUT_FORMATS)}")
     name = os.fspath(path)
     suffix = Path(name).suffix.lower()
     if suffix not in JSONL_SUFFIXES + CSV_SUFFIXES:
         raise DataError(
             name, None, f"unsupported file type {suffix!r}: use .jsonl or .csv", "unsupported_format"
         )
+    if suffix in CSV_SUFFIXES and input_format not in ("auto", "pairs"):
+        raise DataError(
+            name,
+            None,
+            f"CSV holds prompt/completion pairs only; input format {input_format!r} needs a .jsonl file",
+            "unsupported_format",
+        )
     data = Path(name).read_bytes()
     out = _Collector(name, skip_invalid)
-    fields = (prompt_field, completion_field, messages_field)
+    fields = _Fields(prompt_field, completion_field, messages_field)
     if suffix in CSV_SUFFIXES:
         _read_csv(name, data, fields, out)
     else:
-        _read_jsonl(name, data, fields, out)
+        _read_jsonl(data, _RowFormat(input_format, fields), out)
     return out.result

@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_conversations import bot, sys_, user
 
 from lumorik_sft.course.synthetic import product_descriptions
 from lumorik_sft.data import (
+    CHAT_DROP_REASONS,
+    DROP_REASONS,
     CurationReport,
     DataError,
     clean_text,
@@ -215,7 +218,9 @@ def test_lone_surrogate_is_rejected_and_curation_goes_on(tmp_path: Path) -> None
     chat.write_bytes(
         b'{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "yo"}]}\n'
     )
-    with pytest.raises(DataError, match=r"chat\.jsonl:1: field 'messages' holds a lone surrogate"):
+    with pytest.raises(
+        DataError, match=r"chat\.jsonl:1: field 'messages': turn 1 \(user\) content holds a lone surrogate"
+    ):
         read_records(chat)
 
 
@@ -227,48 +232,51 @@ def test_csv_round_trip(tmp_path: Path) -> None:
     assert [r["line"] for r in read.records] == [2, 4]
 
 
-def test_messages_converted(tmp_path: Path) -> None:
+def test_messages_kept_whole(tmp_path: Path) -> None:
     chat = {
         "messages": [
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": "Define SFT."},
             {"role": "assistant", "content": "Fine-tuning on labelled pairs."},
+            {"role": "user", "content": "And DPO?"},
+            {"role": "assistant", "content": "Preference tuning."},
         ]
     }
     path = tmp_path / "chat.jsonl"
     path.write_bytes(jsonl_bytes(chat, {"messages": [{"role": "user", "content": "hi"}]}))
     result = read_records(path, skip_invalid=True)
-    assert result.records == [pc("Be brief.\n\nDefine SFT.", "Fine-tuning on labelled pairs.") | {"line": 1}]
+    assert result.records == [chat | {"line": 1}]  # every turn, not flattened
     assert result.rejects[0]["code"] == "malformed_messages"
-    multi = [
-        {"role": "user", "content": "a"},
-        {"role": "assistant", "content": "b"},
-        {"role": "user", "content": "c"},
-        {"role": "assistant", "content": "d"},
-    ]
-    assert messages_to_prompt_completion(multi) == ("User: a\n\nAssistant: b\n\nUser: c", "d")
+    assert messages_to_prompt_completion(chat["messages"]) == (
+        "System: Be brief.\n\nUser: Define SFT.\n\n"
+        "Assistant: Fine-tuning on labelled pairs.\n\nUser: And DPO?",
+        "Preference tuning.",
+    )
 
 
 @pytest.mark.parametrize(
     ("messages", "problem"),
     [
-        ("hello", "must be a list"),
-        ([{"role": "user", "content": "q"}], "no assistant message"),
+        ("hello", "not a list of messages: got str"),
+        ([{"role": "user", "content": "q"}], "turn 1: the chat ends here with no assistant turn"),
         (
             [{"role": "user", "content": 1}, {"role": "assistant", "content": "a"}],
-            "field 'content' must be a string, got int",
+            "turn 1: 'content' must be a string, got int",
         ),
         (
             [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}],
-            "must end with an assistant message",
+            "turn 1: expected a user turn first, got assistant",
         ),
     ],
 )
 def test_malformed_messages(tmp_path: Path, messages: object, problem: str) -> None:
+    ok = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     path = tmp_path / "chat.jsonl"
-    path.write_bytes(jsonl_bytes(pc("ok", "ok"), {"messages": messages}))
-    with pytest.raises(DataError, match=rf"chat\.jsonl:2: .*{problem}"):
+    path.write_bytes(jsonl_bytes(ok, {"messages": messages}))
+    with pytest.raises(DataError) as info:
         read_records(path)
+    assert str(info.value).startswith(f"{path}:2: field 'messages': {problem}")
+    assert info.value.code == "malformed_messages"
 
 
 # -------------------------------------------------------------------------------------- curation
@@ -380,21 +388,18 @@ _line = st.one_of(
 @given(st.lists(_line, max_size=25), st.integers(0, 3))
 def test_invariant_on_random_messy_files(lines: list[bytes], seed: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "raw.jsonl"
-        path.write_bytes(b"\r\n".join(lines))
-        report = run_curation(
-            path,
-            Path(tmp) / "out",
-            skip_invalid=True,
-            seed=seed,
-            max_tokens=15,
-            length_fn=words,
-            val_fraction=0.3,
-        )
-        n_data = sum(1 for line in lines if line.strip(b" \t\r\n"))  # JSON's blanks only
-        assert report.read == n_data == report.kept + sum(report.dropped.values()) + report.rejected
-        assert report.rejected == len(read_jsonl(Path(tmp) / "out" / "rejects.jsonl"))
-        assert report.train + report.val == report.kept
+        curate_accounted(Path(tmp), b"\r\n".join(lines), seed=seed, max_tokens=15, length_fn=words)
+
+
+def curate_accounted(tmp: Path, data: bytes, **settings: object) -> CurationReport:
+    """Curate `data` with skip_invalid and check that every data row is accounted for."""
+    (tmp / "raw.jsonl").write_bytes(data)
+    report = run_curation(tmp / "raw.jsonl", tmp / "out", skip_invalid=True, val_fraction=0.3, **settings)
+    n_data = sum(1 for line in data.split(b"\n") if line.strip(b" \t\r\n"))  # JSON's blanks only
+    assert report.read == n_data == report.kept + sum(report.dropped.values()) + report.rejected
+    assert report.rejected == len(read_jsonl(tmp / "out" / "rejects.jsonl"))
+    assert report.train + report.val == report.kept
+    return report
 
 
 def test_report_rejects_inconsistent_counts() -> None:
@@ -462,3 +467,204 @@ def test_unsupported_extension(tmp_path: Path) -> None:
     (tmp_path / "raw.txt").write_text("x")
     with pytest.raises(DataError, match="unsupported file type"):
         read_records(tmp_path / "raw.txt")
+
+
+# ----------------------------------------------------------------------------------------- chats
+
+
+def chat(*messages: dict) -> dict:
+    return {"messages": list(messages)}
+
+
+def pairs_only_words(record: dict) -> int:
+    assert "messages" not in record, "chats are never length-filtered"
+    return words(record)
+
+
+def test_curate_chats_cleans_every_message_and_drops_whole_conversations() -> None:
+    records = [
+        chat(user(" Hi\u200b "), bot("Hello\t there")) | {"line": 1},  # kept, cleaned
+        chat(user("Hi"), bot("Hello there")),  # duplicate
+        chat(sys_(" \u200b"), user("Hi"), bot("Hello  there")),  # empty system removed: duplicate
+        chat(sys_("Be kind."), user("Hi"), bot("Hello there")),  # kept: another conversation
+        chat(user("Q"), bot("A"), user("\u200b"), bot("B")),  # empty_message (turn 3)
+        chat(user("Q"), bot(" ")),  # empty_message
+        chat(user("long " * 50), bot("x")),  # kept: no length filter for chats
+        chat(user("Q"), bot("A"), user("Q2"), bot("B")),  # kept
+        chat(user("Q"), bot("A")),  # kept: a prefix of the one above is another conversation
+    ]
+    result = curate(records, max_tokens=10, length_fn=pairs_only_words)
+    assert result.kept == [
+        chat(user("Hi"), bot("Hello there")) | {"line": 1},
+        chat(sys_("Be kind."), user("Hi"), bot("Hello there")),
+        chat(user("long " * 49 + "long"), bot("x")),
+        chat(user("Q"), bot("A"), user("Q2"), bot("B")),
+        chat(user("Q"), bot("A")),
+    ]
+    assert result.counts == {"empty_message": 2, "duplicate": 2}
+    assert [d["reason"] for d in result.dropped] == [
+        "duplicate",
+        "duplicate",
+        "empty_message",
+        "empty_message",
+    ]
+    assert result.dropped[1]["messages"] == [user("Hi"), bot("Hello there")]
+
+
+def test_curate_counts_the_reasons_of_each_kind_given() -> None:
+    assert curate([]).counts == dict.fromkeys(DROP_REASONS, 0)  # no records: the pairs' reasons
+    assert curate([pc("p", "c")]).counts == dict.fromkeys(DROP_REASONS, 0)
+    assert curate([chat(user("q"), bot("a"))]).counts == dict.fromkeys(CHAT_DROP_REASONS, 0)
+    mixed = curate([pc("p", ""), chat(user("q"), bot(""))]).counts
+    assert mixed == {
+        "empty_prompt": 0,
+        "empty_completion": 1,
+        "empty_message": 1,
+        "duplicate": 0,
+        "too_long": 0,
+    }
+
+
+def test_split_chats_by_their_opening() -> None:
+    records = [
+        chat(
+            *([sys_("Be brief.")] if i % 3 == 0 else []),
+            user(f"q{i % 10}"),
+            bot(f"a{i}"),
+            user("more?"),
+            bot("no"),
+        )
+        for i in range(60)
+    ]
+    records += [chat(user(" q1 \u200b"), bot("variant spacing"))]  # cleans to q1's opening
+    for seed in range(5):
+        train, val = split_records(records, val_fraction=0.2, seed=seed)
+        assert {_opening(r) for r in val}.isdisjoint(_opening(r) for r in train)
+        assert abs(len(val) - 12) <= 4 and len(train) + len(val) == 61
+    # same opening, different later turns: one group (the split has 20 groups of 3)
+    by_opening = {}
+    for r in records[:60]:
+        by_opening.setdefault(_opening(r), []).append(r)
+    assert len(by_opening) == 20
+
+
+def _opening(record: dict) -> tuple[str, str]:
+    """The cleaned (system, first user) pair a test expects a chat split by."""
+    messages = record["messages"]
+    system = clean_text(messages[0]["content"]) if messages[0]["role"] == "system" else ""
+    return system, clean_text(next(m["content"] for m in messages if m["role"] == "user"))
+
+
+def test_chat_report_and_summary(tmp_path: Path) -> None:
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(
+        jsonl_bytes(
+            chat(sys_("s"), user("a"), bot("b"), user("c"), bot("d")),
+            chat(user("x"), bot("y")),
+            chat(user("x "), bot("y")),
+            pc("p", "c"),
+        )
+    )
+    report = run_curation(path, tmp_path / "out", skip_invalid=True, max_tokens=5, length_fn=words)
+    assert (report.read, report.kept, report.rejected) == (4, 2, 1)
+    assert report.rejected_reasons == {"mixed_formats": 1} and report.dropped == {
+        "empty_message": 0,
+        "duplicate": 1,
+    }
+    assert report.input_format == "messages"
+    assert report.chats == {"conversations": 2, "turns": 7, "assistant_turns": 3}
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == report.to_dict()
+    summary = report.summary()
+    assert summary.splitlines()[0].endswith("(seed=0, val_fraction=0.1, format=messages)")
+    rows = [line.split() for line in summary.splitlines()]
+    assert rows[-4:-1] == [
+        ["conversations", "kept", "2"],
+        ["turns", "kept", "7"],
+        ["assistant", "turns", "kept", "3"],
+    ]
+    assert (
+        summary.splitlines()[-1]
+        == "  chats are not length-filtered: the chat encoder drops earlier turns to fit"
+    )
+    written = read_jsonl(tmp_path / "out" / "train.jsonl") + read_jsonl(tmp_path / "out" / "val.jsonl")
+    assert sorted(map(json.dumps, written)) == sorted(
+        map(
+            json.dumps, [chat(sys_("s"), user("a"), bot("b"), user("c"), bot("d")), chat(user("x"), bot("y"))]
+        )
+    )
+
+
+def test_pairs_summary_has_no_chat_rows(tmp_path: Path) -> None:
+    path = tmp_path / "raw.jsonl"
+    path.write_bytes(jsonl_bytes(pc("p", "c")))
+    report = run_curation(path, tmp_path / "out")
+    assert report.chats is None and report.input_format == "pairs"
+    assert report.summary().splitlines()[0] == f"Curation of {path} (seed=0, val_fraction=0.1)"
+    assert "turns" not in report.summary()
+
+
+def test_chat_jsonl_and_hf_round_trip(tmp_path: Path) -> None:
+    chats = [
+        chat(sys_("Sé bref."), user("Café?"), bot("Oui ✓")),
+        chat(user("a"), bot("b"), user("c"), bot("d")),
+    ]
+    write_jsonl(tmp_path / "x.jsonl", chats)
+    assert read_jsonl(tmp_path / "x.jsonl") == chats
+    ds = to_hf_dataset([r | {"line": 3} for r in chats])
+    assert ds.column_names == ["messages"] and len(ds) == 2
+    assert from_hf_dataset(ds) == chats
+    with pytest.raises(ValueError, match="mix chats and prompt/completion pairs"):
+        to_hf_dataset([*chats, pc("p", "c")])
+
+
+_valid_chat = st.builds(
+    lambda system, exchanges: chat(*system, *[m for q, a in exchanges for m in (user(q), bot(a))]),
+    st.sampled_from([[], [sys_("Be brief.")], [sys_(" ")], [sys_("Be brief. ")]]),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["q", " q", "r", "Cafe\u0301", "\u200b"]), st.sampled_from(["a", "a ", "b", ""])
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+)
+_chat_line = st.one_of(
+    _valid_chat.map(lambda c: json.dumps(c).encode()),
+    st.sampled_from(
+        [
+            json.dumps(chat(user("q"), {"role": "bot", "content": "a"})).encode(),  # unknown role
+            json.dumps(chat(user("q"), user("q"), bot("a"))).encode(),  # does not alternate
+            json.dumps(chat(user("q"))).encode(),  # no assistant turn
+            json.dumps(chat(user("q"), bot("a"), sys_("s"), user("q"), bot("a"))).encode(),  # late system
+            json.dumps(chat(user("q"), bot(3))).encode(),  # content not a string
+            b'{"messages": "q"}',
+            b'{"messages": []}',
+            json.dumps(pc("p", "c")).encode(),  # a pair among chats
+            b"{broken",
+            b"[]",
+            b"",
+            b"  ",
+        ]
+    ),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_chat_line, max_size=25), st.integers(0, 3))
+def test_invariant_on_random_chat_files(lines: list[bytes], seed: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        report = curate_accounted(Path(tmp), b"\n".join(lines), seed=seed)
+        train = read_jsonl(Path(tmp) / "out" / "train.jsonl")
+        val = read_jsonl(Path(tmp) / "out" / "val.jsonl")
+        assert (len(train), len(val)) == (report.train, report.val)
+        if report.input_format == "messages":
+            assert all(set(r) == {"messages"} for r in train + val)
+            assert report.chats["conversations"] == report.kept
+            assert {_opening(r) for r in val}.isdisjoint(_opening(r) for r in train)
+            kept = [json.dumps(r["messages"]) for r in train + val]
+            assert len(kept) == len(set(kept))  # no duplicate conversation kept
+            assert all(
+                m["content"] and clean_text(m["content"]) == m["content"]
+                for r in train + val
+                for m in r["messages"]
+            )

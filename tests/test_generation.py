@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lumorik_sft.encoding import SFTCollator, encode_records
-from lumorik_sft.generation import _cut_at_eos, generate_completions, generate_with_stops
+from lumorik_sft.encoding import SFTCollator, completion_ids, encode_records
+from lumorik_sft.generation import _cut_at_eos, generate_completions, generate_detailed, generate_with_stops
 from lumorik_sft.models import build_model
 
 PROMPTS = ["Question: What is a fever?", "Write a product description.\nCategory: backpack", "Q"]
@@ -47,6 +47,24 @@ def test_stop_flags_say_whether_eos_came_before_the_limit(memorised, toy_tokeniz
     cut, stopped = generate_with_stops(model, toy_tokenizer, PROMPTS, max_new_tokens=shortest - 1)
     assert stopped == [False, False, False]  # no completion fits: every one hit the limit
     assert all(r["completion"].startswith(c) for c, r in zip(cut, records, strict=True))
+
+
+def test_n_tokens_counts_the_new_tokens_before_eos_at_every_limit(memorised, toy_tokenizer):
+    """At every limit, below, at and past each memorised completion's length: ``n_tokens`` is the
+    number of ids the text was decoded from (EOS excluded), and an output did not stop exactly
+    when it ran to the limit."""
+    model, records = memorised
+    memorised_ids = [completion_ids(toy_tokenizer, r["completion"])[:-1] for r in records]  # EOS cut
+    for limit in range(1, max(map(len, memorised_ids)) + 3):
+        done = generate_detailed(model, toy_tokenizer, PROMPTS, max_new_tokens=limit)
+        for c, ids in zip(done, memorised_ids, strict=True):
+            kept = ids[:limit]
+            assert c.n_tokens == len(kept), (limit, c)
+            assert c.text == toy_tokenizer.decode(kept, skip_special_tokens=True).strip()
+            assert c.stopped == (limit > len(ids)), (limit, c)  # EOS is new token len(ids) + 1
+            assert (not c.stopped) == (c.n_tokens == limit), (limit, c)
+        texts, stopped = generate_with_stops(model, toy_tokenizer, PROMPTS, max_new_tokens=limit)
+        assert (texts, stopped) == ([c.text for c in done], [c.stopped for c in done])
 
 
 def test_sampling_is_seeded(tiny_model, toy_tokenizer):

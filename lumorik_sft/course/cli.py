@@ -88,6 +88,13 @@ def _course_fact_aliases() -> dict[str, tuple[str, ...]]:
     return FEATURE_ALIASES
 
 
+def _course_products() -> tuple[str, ...]:
+    """The support dialogues' product names, for `eval`'s fact use on chats."""
+    from lumorik_sft.course.synthetic import SUPPORT_PRODUCTS
+
+    return tuple(SUPPORT_PRODUCTS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser, sub = command_parser(parser_class=_CommandParser)
 
@@ -101,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     add_core_commands(sub)
-    sub.choices["eval"].set_defaults(fact_aliases=_course_fact_aliases)
+    sub.choices["eval"].set_defaults(fact_aliases=_course_fact_aliases, fact_products=_course_products)
 
     for name, module, help_text in [
         ("notebooks", notebook_tools, "check notebooks; --execute re-runs them in place"),

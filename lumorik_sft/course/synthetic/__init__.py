@@ -40,6 +40,12 @@ from lumorik_sft.course.synthetic.products import (
     write_product_csv,
 )
 from lumorik_sft.course.synthetic.support import support_replies
+from lumorik_sft.course.synthetic.support_chat import (
+    SUPPORT_PRODUCTS,
+    dialogue_facts,
+    split_last_reply,
+    support_dialogues,
+)
 
 __all__ = [
     "COURSE_DATASETS",
@@ -48,8 +54,10 @@ __all__ = [
     "MALFORMED_LINE",
     "NOISE_COUNTS",
     "Record",
+    "SUPPORT_PRODUCTS",
     "SYNTHETIC_NOTICE",
     "case_summaries",
+    "dialogue_facts",
     "distinct_products",
     "health_qa",
     "load_course_dataset",
@@ -59,6 +67,8 @@ __all__ = [
     "render_product_prompt",
     "sample_description",
     "sample_product_attributes",
+    "split_last_reply",
+    "support_dialogues",
     "support_replies",
     "write_noisy_product_descriptions",
     "write_product_csv",
