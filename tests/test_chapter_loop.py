@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -97,9 +98,11 @@ def test_corrected_loop_loss_is_the_reference_completion_loss(toy_tokenizer):
 class _ScriptedModel(torch.nn.Module):
     """Stands in for a model: `generate` appends fixed tokens to the prompt batch."""
 
-    def __init__(self, new_tokens: list[list[int]]):
+    def __init__(self, new_tokens: list[list[int]], context: int = 64):
         super().__init__()
         self.new_tokens = torch.tensor(new_tokens)
+        self.config = SimpleNamespace(n_positions=context)  # what `context_length` reads
+        self.device_anchor = torch.nn.Parameter(torch.zeros(1))  # where `generate_detailed` puts inputs
 
     def generate(self, input_ids: torch.Tensor, **_: object) -> torch.Tensor:
         return torch.cat([input_ids, self.new_tokens[: len(input_ids)]], dim=1)

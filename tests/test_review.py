@@ -11,7 +11,16 @@ import pytest
 
 from lumorik_sft.course import review
 from lumorik_sft.course.plots import figure_problems
-from lumorik_sft.human_eval import RUBRIC, blind_pairs, load_ratings, save_ratings, win_rate
+from lumorik_sft.human_eval import (
+    RUBRIC,
+    Rating,
+    agreement,
+    blind_pairs,
+    load_ratings,
+    paired_labels,
+    save_ratings,
+    win_rate,
+)
 
 SYSTEMS = ("zebra-base", "okapi-tuned")  # names that cannot appear in any output by chance
 ITEMS = review.comparison_items(
@@ -124,20 +133,17 @@ def test_static_fallback_prints_text_and_uses_the_example_ratings(tmp_path, monk
     assert not session.live and "widgets off: 3 blind pairs" in out
     assert "[val-1] prompt" in out and "[val-2]" not in out
     assert not any(name in out for name in SYSTEMS)
-    from lumorik_sft.human_eval import Rating
 
     examples = [Rating.of(p, rater, "B") for rater in ("ex-1", "ex-2") for p in blind_pairs(ITEMS, *SYSTEMS)]
     save_ratings(tmp_path / "demo.jsonl", examples)
     got = review.example_ratings("demo", pairs, folder=tmp_path)
     assert got == examples
     session.rate("A")  # a rater's own ratings come beside the examples
-    monkeypatch.setattr(review, "EXAMPLES_DIR", tmp_path)
-    monkeypatch.setattr(review.example_ratings, "__defaults__", (tmp_path,))
-    assert review.ratings_for_analysis(session, "demo") == examples + session.ratings
+    chosen = review.ratings_for_analysis(session, "demo", folder=tmp_path)
+    assert chosen.examples_used and chosen.ratings == examples + session.ratings
 
 
 def test_example_ratings_of_other_outputs_are_refused_loudly(tmp_path):
-    from lumorik_sft.human_eval import Rating
 
     save_ratings(tmp_path / "demo.jsonl", [Rating.of(p, "ex-1", "A") for p in _pairs()])
     regenerated = [{**item, SYSTEMS[1]: item[SYSTEMS[1]] + " Now in red."} for item in ITEMS]
@@ -145,8 +151,104 @@ def test_example_ratings_of_other_outputs_are_refused_loudly(tmp_path):
         review.example_ratings("demo", blind_pairs(regenerated, *SYSTEMS), folder=tmp_path)
 
 
+# ------------------------------------------------------------------ which ratings, and the analysis
+
+
+def _examples(pairs, raters=("ex-1", "ex-2"), verdicts=("BAB", "BAA")) -> list[Rating]:
+    """Example ratings of `pairs`: one verdict per pair and rater, the SFT output passing facts."""
+    ratings = []
+    for rater, letters in zip(raters, verdicts, strict=True):
+        for pair, verdict in zip(pairs, letters, strict=True):
+            tuned = "a" if pair.system_a == SYSTEMS[1] else "b"
+            passed = {f"rubric_{tuned}": {"correct_facts": verdict != "tie"}}
+            ratings.append(Rating.of(pair, rater, verdict, **passed))
+    return ratings
+
+
+@pytest.fixture()
+def stale_folder(tmp_path):
+    """Example ratings of other outputs than `_pairs()` shows: what another CPU kind generates."""
+    regenerated = [{**item, SYSTEMS[1]: item[SYSTEMS[1]] + " Now in red."} for item in ITEMS]
+    save_ratings(tmp_path / "demo.jsonl", _examples(blind_pairs(regenerated, *SYSTEMS)))
+    return tmp_path
+
+
+def test_stale_examples_and_no_own_ratings_give_an_empty_analysis_that_says_why(tmp_path, stale_folder):
+    session = review.ReviewSession(_pairs(), tmp_path / "mine.jsonl", rater="you")
+    chosen = review.ratings_for_analysis(session, "demo", folder=stale_folder)  # no exception
+    assert chosen.ratings == [] and not chosen.examples_used
+    assert str(chosen).startswith("No ratings to analyse: the example ratings were left out")
+    assert "differ from those they rated" in str(chosen) and "LUMORIK_WIDGETS=1" in str(chosen)
+    analysis = review.analyse(chosen.ratings, system=SYSTEMS[1])
+    assert analysis.items_rated == {} and analysis.win_rates == {} and analysis.agreements == []
+    assert str(analysis).splitlines() == [
+        "no ratings: no win rate to report",
+        "no ratings: no agreement between raters to report",
+    ]
+
+
+def test_stale_examples_leave_only_your_own_ratings(tmp_path, stale_folder):
+    session = review.ReviewSession(_pairs(), tmp_path / "mine.jsonl", rater="you")
+    for verdict in ("A", "B"):
+        session.rate(verdict)
+    chosen = review.ratings_for_analysis(session, "demo", folder=stale_folder)
+    assert chosen.ratings == session.ratings and {r.rater for r in chosen.ratings} == {"you"}
+    assert str(chosen).startswith("Analysing your 2 ratings (you) only: the example ratings were left out")
+    analysis = review.analyse(chosen.ratings, system=SYSTEMS[1])
+    assert analysis.items_rated == {"you": 2} and list(analysis.win_rates) == ["you"]
+    assert analysis.win_rates["you"] == win_rate(session.ratings, SYSTEMS[1])
+
+
+def test_matching_examples_are_analysed_beside_your_ratings(tmp_path):
+    pairs = _pairs()
+    save_ratings(tmp_path / "demo.jsonl", _examples(blind_pairs(ITEMS, *SYSTEMS)))
+    session = review.ReviewSession(pairs, tmp_path / "mine.jsonl", rater="you")
+    alone = review.ratings_for_analysis(session, "demo", folder=tmp_path)
+    assert alone.examples_used and "which match the outputs generated above" in str(alone)
+    session.rate("tie")
+    chosen = review.ratings_for_analysis(session, "demo", folder=tmp_path)
+    assert len(chosen.examples) == 2 * len(pairs) and chosen.own == (session.ratings[0],)
+    assert str(chosen).endswith("and your 1 (you).")
+    analysis = review.analyse(chosen.ratings, system=SYSTEMS[1])
+    assert analysis.items_rated == {"ex-1": 3, "ex-2": 3, "you": 1}
+    assert "you" not in analysis.win_rates  # one tie: no decisive comparison, no rate
+    assert "you | okapi-tuned: 1 ties, no decisive comparison" in str(analysis)
+    assert [a.raters for a in analysis.agreements] == [("ex-1", "ex-2"), ("ex-1", "you"), ("ex-2", "you")]
+    assert [a.verdicts.n for a in analysis.agreements] == [3, 1, 1]
+
+
+def test_one_rater_has_win_rates_and_no_kappa():
+    ratings = _examples(_pairs(), raters=("ex-1",), verdicts=("BAB",))
+    analysis = review.analyse(ratings, system=SYSTEMS[1])
+    assert analysis.agreements == []
+    assert analysis.win_rates["ex-1"] == win_rate(ratings, SYSTEMS[1])
+    assert "agreement: not computed, kappa needs two raters who rated the same items" in str(analysis)
+    assert "Cohen's kappa" not in str(analysis)
+
+
+def test_two_raters_agreement_equals_human_eval_agreement():
+    ratings = _examples(_pairs())
+    analysis = review.analyse(ratings, system=SYSTEMS[1])
+    (pair,) = analysis.agreements
+
+    def facts(r: Rating) -> bool:
+        return r.passes(SYSTEMS[1], "correct_facts")
+
+    assert pair.raters == ("ex-1", "ex-2")
+    assert pair.verdicts == agreement(*paired_labels(ratings, "ex-1", "ex-2"))
+    assert pair.facts == agreement(*paired_labels(ratings, "ex-1", "ex-2", label=facts))
+    assert pair.verdicts.observed == pytest.approx(2 / 3) and pair.verdicts.kappa is not None
+    for rater in ("ex-1", "ex-2"):
+        assert analysis.win_rates[rater] == win_rate([r for r in ratings if r.rater == rater], SYSTEMS[1])
+    lines = str(analysis).splitlines()  # what the notebooks printed before `analyse` existed
+    assert lines[0] == f"{'ex-1':>16} | {analysis.win_rates['ex-1']}"
+    assert lines[2] == f"verdict (zebra-base / okapi-tuned / tie): {pair.verdicts}"
+    assert lines[3] == f"okapi-tuned output has correct facts: {pair.facts}"
+    with pytest.raises(ValueError, match="unknown criterion"):
+        review.analyse(ratings, system=SYSTEMS[1], fact_criterion="correct facts")
+
+
 def test_plot_win_rates_is_readable(tmp_path):
-    from lumorik_sft.human_eval import Rating
 
     pairs = _pairs()
     ratings = [Rating.of(p, "ex-1", v) for p, v in zip(pairs, "ABA", strict=True)]

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lumorik_sft import encoding
-from lumorik_sft.generation import _MODELING_LOGGER, _ElidedMaskWarning
+from lumorik_sft.generation import generate_detailed
 
 Record = Mapping[str, str]
 
@@ -174,7 +174,6 @@ def echoes_prompt(prompt: str, text: str, *, min_chars: int = 12) -> bool:
     return any(len(line.strip()) >= min_chars and line.strip() in text for line in prompt.splitlines())
 
 
-@torch.inference_mode()
 def generate_checked(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -184,34 +183,15 @@ def generate_checked(
     separator: str = encoding.DEFAULT_SEPARATOR,
     batch_size: int = 16,
 ) -> list[Generation]:
-    """Greedy generation, like `generation.generate_completions`, keeping whether EOS came.
+    """Greedy generation (`generation.generate_detailed`), with whether each output echoes its prompt.
 
     Pass ``separator=""`` for a model trained the chapter's way: its prompt and completion
     were glued with nothing between them.
     """
-    was_training = model.training
-    model.eval()
-    eos = tokenizer.eos_token_id
-    results: list[Generation] = []
-    quiet = _ElidedMaskWarning()  # the same false alarm `generate_completions` filters
-    _MODELING_LOGGER.addFilter(quiet)
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start : start + batch_size])
-            batch = encoding.encode_prompts_for_generation(tokenizer, chunk, separator=separator)
-            out = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=eos,
-            )
-            for prompt, row in zip(chunk, out[:, batch["input_ids"].shape[1] :].tolist(), strict=True):
-                stopped = eos in row
-                kept = row[: row.index(eos)] if stopped else row
-                text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-                results.append(Generation(prompt, text, len(kept), stopped, echoes_prompt(prompt, text)))
-    finally:
-        _MODELING_LOGGER.removeFilter(quiet)
-        model.train(was_training)
-    return results
+    done = generate_detailed(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, separator=separator, batch_size=batch_size
+    )
+    return [
+        Generation(prompt, c.text, c.n_tokens, c.stopped, echoes_prompt(prompt, c.text))
+        for prompt, c in zip(prompts, done, strict=True)
+    ]
