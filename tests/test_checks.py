@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from test_checks_chat import WRONG_CHAT
 
 from lumorik_sft.course import checks
 from lumorik_sft.course.grading import _compile_cell
@@ -353,6 +354,7 @@ WRONG: dict[str, list[tuple[str, str]]] = {
             "not to max_length",
         ),
     ],
+    **WRONG_CHAT,  # 09_chat_sft.ipynb's wrong masks, with tests of their own in test_checks_chat.py
 }
 
 WRONG_ANSWERS: dict[str, list[tuple[object, str]]] = {

@@ -20,7 +20,8 @@ What is where:
   by its registration: :mod:`.ch01_data` (``01_data_curation.ipynb``), :mod:`.ch02_encoding`
   (``02_tokenization.ipynb``), :mod:`.ch03_training` (``03_training_loop.ipynb``),
   :mod:`.ch04_evaluation` (``04_evaluation.ipynb``), :mod:`.ch05_worked_example`
-  (``05_worked_example.ipynb``) and :mod:`.ch06_questions` (``06_practice_questions.ipynb``);
+  (``05_worked_example.ipynb``), :mod:`.ch06_questions` (``06_practice_questions.ipynb``) and
+  :mod:`.ch09_chat` (``09_chat_sft.ipynb``);
 * this module: :data:`EXERCISES` in notebook order, and a ``check_<name>`` function for each.
 
 To add an exercise: in its notebook's chapter module, write ``make_cases``, ``reference``, ``run``
@@ -47,6 +48,7 @@ from lumorik_sft.course.checks import (
     ch04_evaluation,
     ch05_worked_example,
     ch06_questions,
+    ch09_chat,
     framework,
 )
 from lumorik_sft.course.checks.framework import (
@@ -62,7 +64,15 @@ from lumorik_sft.course.checks.framework import (
 )
 from lumorik_sft.course.checks.framework import raised as _raised  # noqa: F401  (the grader's name)
 
-CHAPTERS = (ch01_data, ch02_encoding, ch03_training, ch04_evaluation, ch05_worked_example, ch06_questions)
+CHAPTERS = (
+    ch01_data,
+    ch02_encoding,
+    ch03_training,
+    ch04_evaluation,
+    ch05_worked_example,
+    ch06_questions,
+    ch09_chat,
+)
 
 EXERCISES: dict[str, Exercise] = {ex.name: ex for m in CHAPTERS for ex in m.CHAPTER.exercises}
 NOTEBOOKS: tuple[str, ...] = tuple(m.CHAPTER.notebook for m in CHAPTERS)
