@@ -36,13 +36,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from lumorik_sft import lora
 from lumorik_sft.config import TrainConfig
 from lumorik_sft.distributed import DataParallel
+from lumorik_sft.models import model_source_name
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 HISTORY_NAME = "history.json"
 FINAL_DIR_NAME = "final"
+MERGED_DIR_NAME = "merged"  # LoRA runs: the adapter merged into the base weights, a plain model
 
 # Settings that change the arithmetic of a run: resuming with different values would not
 # continue the same run, so `train(resume=...)` refuses them.
@@ -61,6 +64,11 @@ RESUME_MUST_MATCH = (
     "packing",
     "fused_activations",
     "fused_loss",
+    "lora_r",
+    "lora_alpha",
+    "lora_targets",
+    "lora_dropout",
+    "lora_tokens",
 )
 
 _START_AFRESH = "run again without --resume (resume=False in Python) to begin a new run"
@@ -199,6 +207,25 @@ def restore_run(
 
 
 # --------------------------------------------------------------------------- files
+
+
+def save_final(model: torch.nn.Module, tokenizer: Any, output_dir: str | Path) -> Path:
+    """A finished run's model, ready for from_pretrained, in OUT/final/ (returned).
+
+    Full fine-tuning: the whole model. LoRA: final/ holds the adapter in PEFT's format (loadable by
+    `models.load_model_and_tokenizer` and by PEFT) and merged/ the adapter merged into a plain copy
+    of the model; both hold the tokenizer.
+    """
+    out = Path(output_dir)
+    final = out / FINAL_DIR_NAME
+    if lora.lora_layers(model):
+        lora.save_adapter(model, final, base_name_or_path=model_source_name(model))
+        lora.merged_copy(model).save_pretrained(out / MERGED_DIR_NAME)
+        tokenizer.save_pretrained(out / MERGED_DIR_NAME)
+    else:
+        model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    return final
 
 
 def write_history(output_dir: str | Path, result: TrainResult) -> None:

@@ -138,6 +138,36 @@ class TrainConfig:
         },
     )
 
+    lora_r: int | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA rank: freeze the model and train r x (in + out) numbers beside each target "
+            "layer (lumorik_sft.lora); OUT/final/ then holds the adapter, OUT/merged/ the merged "
+            "model. None: full fine-tuning of every weight."
+        },
+    )
+    lora_alpha: float = field(
+        default=16.0, metadata={"help": "LoRA scale: each update B A is multiplied by lora_alpha / lora_r."}
+    )
+    lora_targets: str = field(
+        default="attention",
+        metadata={
+            "help": "Layers LoRA wraps: 'attention' (query, key, value projections), 'all-linear' "
+            "(every linear layer but the LM head) or comma-separated module names."
+        },
+    )
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the input of LoRA's A during training (0: none)."}
+    )
+    lora_tokens: str = field(
+        default="auto",
+        metadata={
+            "help": "Token embedding rows LoRA trains too: 'auto' (the chat role and end-of-turn "
+            "tokens, when the tokenizer has them: rows no pretraining taught), 'none', or "
+            "comma-separated tokens."
+        },
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.output_dir, Path):
             self.output_dir = str(self.output_dir)
@@ -198,6 +228,19 @@ class TrainConfig:
             yield f"max_steps must be an integer >= 1 or None (no cap), got {self.max_steps!r}"
         if not isinstance(self.log_every, int) or self.log_every < 0:
             yield f"log_every must be an integer >= 0 (0 = no log lines), got {self.log_every!r}"
+        if self.lora_r is not None:
+            from lumorik_sft.lora import LoraSettings
+
+            try:
+                LoraSettings(
+                    r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=self.lora_targets
+                )
+            except ValueError as err:
+                yield (
+                    str(err)
+                    .replace("\n  ", " ")
+                    .replace("invalid LoRA settings:", "invalid --lora-* settings:")
+                )
         if self.device != "auto":
             try:
                 torch.device(self.device)

@@ -35,12 +35,15 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from lumorik_sft.chat import CHAT_TOKENS
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -480,3 +483,39 @@ def _settings_of(model: nn.Module) -> LoraSettings:
     if settings is None:
         raise ValueError("this model has no LoRA layers; call add_lora (or load_adapter) first")
     return settings
+
+
+# --------------------------------------------------------------------------- from a TrainConfig
+
+
+def add_lora_from_config(model: nn.Module, tokenizer: Any, config: Any) -> nn.Module:
+    """Wrap the model with LoRA as a `TrainConfig`'s ``lora_*`` fields ask (nothing if lora_r is None).
+
+    Called by `lumorik_sft.training.train` before it builds the optimizer, so the optimizer (and
+    its state) holds only the trainable parameters. A model that has LoRA already is left as is.
+    """
+    if config.lora_r is None or lora_layers(model):
+        return model
+    settings = LoraSettings(
+        r=config.lora_r,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+        targets=config.lora_targets,
+        trainable_tokens=lora_token_ids(tokenizer, config.lora_tokens),
+        seed=config.seed,
+    )
+    return add_lora(model, settings)
+
+
+def lora_token_ids(tokenizer: Any, tokens: str) -> tuple[int, ...]:
+    """Ids of the embedding rows LoRA trains: 'auto' = the chat tokens the tokenizer has."""
+    vocab = tokenizer.get_vocab()
+    if tokens == "none":
+        return ()
+    if tokens == "auto":
+        return tuple(vocab[t] for t in CHAT_TOKENS if t in vocab)
+    names = [t.strip() for t in tokens.split(",") if t.strip()]
+    unknown = [t for t in names if t not in vocab]
+    if unknown:
+        raise ValueError(f"lora_tokens: {unknown} are not tokens of this tokenizer; add them first")
+    return tuple(vocab[t] for t in names)

@@ -9,6 +9,7 @@ with `build_model`, which proves the code serves more than one architecture with
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -123,14 +124,48 @@ def load_model_and_tokenizer(
     starting with `.` or `~`, or with more folders than a Hugging Face `owner/name`) and names no
     folder raises FileNotFoundError instead of Hugging Face's rules for model names.
     """
-    source = str(name_or_path) if name_or_path is not None else str(embedded_model_path())
-    if source in EMBEDDED_ALIASES:
-        source = str(embedded_chat_model_path() if source == "embedded-chat" else embedded_model_path())
+    source = _resolve_alias(str(name_or_path) if name_or_path is not None else "embedded")
     source = _check_model_folder(source)
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
-    model = _declare_causal_lm_loss(AutoModelForCausalLM.from_pretrained(source, **kwargs))
+    adapter = Path(source) / "adapter_config.json"
+    if adapter.exists():  # a LoRA adapter (ours or PEFT's): its base model, then the adapter
+        from lumorik_sft import lora
+
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(
+                f"{adapter} names no base_model_name_or_path; load the base and use lora.load_adapter"
+            )
+        model = AutoModelForCausalLM.from_pretrained(_check_model_folder(_resolve_alias(base)), **kwargs)
+        model = lora.load_adapter(_declare_causal_lm_loss(model), source)
+    else:
+        model = _declare_causal_lm_loss(AutoModelForCausalLM.from_pretrained(source, **kwargs))
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
     return model.to(resolve_device(device)), tokenizer
+
+
+def _resolve_alias(name: str) -> str:
+    """'embedded' and 'embedded-chat' -> their folders; any other name unchanged."""
+    if name == "embedded":
+        return str(embedded_model_path())
+    if name == "embedded-chat":
+        return str(embedded_chat_model_path())
+    return name
+
+
+def model_source_name(model: PreTrainedModel) -> str | None:
+    """Where a model was loaded from, as a name that works on any machine.
+
+    The shipped models are named by their aliases ('embedded', 'embedded-chat') rather than by
+    this checkout's absolute path, so an adapter saved here loads on a student's laptop too.
+    """
+    source = getattr(model, "name_or_path", None) or None
+    if source is None:
+        return None
+    for alias, folder in EMBEDDED_ALIASES.items():
+        if Path(source).resolve() == folder.resolve():
+            return alias
+    return str(source)
 
 
 def _declare_causal_lm_loss(model: PreTrainedModel) -> PreTrainedModel:
@@ -149,10 +184,10 @@ def _check_model_folder(source: str) -> str:
     """`source` with `~` expanded; FileNotFoundError for a path with no saved model there."""
     path = Path(source).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise FileNotFoundError(
-                f"{source} has no config.json, so it is not a saved model folder "
-                "(save one with save_pretrained, or give a Hugging Face model name)"
+                f"{source} has no config.json, so it is not a saved model folder (save one with "
+                "save_pretrained, give a LoRA adapter folder, or give a Hugging Face model name)"
             )
         return str(path)
     parts = source.replace("\\", "/").split("/")

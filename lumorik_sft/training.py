@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup, set_seed
 
-from lumorik_sft import checkpoint
+from lumorik_sft import checkpoint, lora
 from lumorik_sft.checkpoint import CHECKPOINT_NAME, TrainResult, load_checkpoint  # re-exported
 from lumorik_sft.config import TrainConfig
 from lumorik_sft.defaults import autocast_context as _autocast
@@ -394,14 +394,12 @@ def _interrupt(run: _Run, stop: StopSignals) -> None:
 
 
 def _finalize(run: _Run, tokenizer: PreTrainedTokenizerBase) -> None:
-    """OUT_DIR/final/: the trained model and its tokenizer, ready for from_pretrained."""
+    """OUT_DIR/final/ (and merged/ for LoRA), ready for from_pretrained: `checkpoint.save_final`."""
     if run.config.output_dir is None:
         return
-    final = Path(run.config.output_dir) / checkpoint.FINAL_DIR_NAME
-    run.result.final_dir = str(final)
+    run.result.final_dir = str(Path(run.config.output_dir) / checkpoint.FINAL_DIR_NAME)
     if run.parallel.is_main:
-        unwrap(run.model).save_pretrained(final)
-        tokenizer.save_pretrained(final)
+        checkpoint.save_final(unwrap(run.model), tokenizer, run.config.output_dir)
         checkpoint.write_history(run.config.output_dir, run.result)
 
 
@@ -458,7 +456,8 @@ def _setup(
         val_batches = [
             val_collator(list(val_examples[i : i + ebs])) for i in range(0, len(val_examples), ebs)
         ]
-    optimizer = build_optimizer(model, config)
+    lora.add_lora_from_config(model, tokenizer, config)
+    optimizer = build_optimizer(model, config)  # the trainable parameters only: with LoRA, A, B and rows
     _, total, warmup = plan_steps(len(train_examples), config, parallel.world_size)
     lengths = [len(ex["input_ids"]) for ex in train_examples]
     return _Run(
