@@ -90,6 +90,21 @@ def test_clicking_saves_one_valid_rating_per_click_and_advances(tmp_path):
         session.rate("A")
 
 
+def test_ratings_of_regenerated_outputs_are_set_aside_not_joined(tmp_path):
+    path = tmp_path / "ratings.jsonl"
+    session = review.ReviewSession(_pairs(), path, rater="you")
+    session.rate("A")
+    session.rate("B")
+    changed = review.comparison_items(
+        [item["prompt"] for item in ITEMS],
+        {SYSTEMS[0]: ["a", "b", "c"], SYSTEMS[1]: ["A bag.", "A hat.", "A mug."]},
+    )
+    again = review.ReviewSession(blind_pairs(changed, *SYSTEMS, seed=0), path, rater="you")
+    assert again.stale == 1 and [r.item_id for r in again.ratings] == ["val-0"]  # val-1's text changed
+    assert again.progress() == "1 of 3 rated (1 earlier ratings were of other outputs)"
+    assert again.current.item_id == "val-1"
+
+
 def test_a_new_session_resumes_where_the_rater_stopped(tmp_path):
     path = tmp_path / "ratings.jsonl"
     session = review.ReviewSession(_pairs(), path, rater="student")

@@ -110,7 +110,13 @@ class ReviewSession:
             raise ValueError("nothing to review: no pairs")
         self.pairs, self.path, self.rater = list(pairs), Path(path), rater
         done = load_ratings(self.path) if self.path.exists() else []
-        self.ratings = match_ratings([r for r in done if r.rater == rater], self.pairs)
+        mine = [r for r in done if r.rater == rater]
+        # Ratings of earlier outputs (a fast-mode run, another CPU kind) stay in the file but are
+        # not this session's: those outputs are rated again, never joined to text not seen.
+        current = {p.item_id: (p.prompt, p.fingerprint) for p in self.pairs}
+        fresh = [r for r in mine if current.get(r.item_id) == (r.prompt, r.outputs)]
+        self.stale = len(mine) - len(fresh)
+        self.ratings = match_ratings(fresh, self.pairs)
         self.live = False  # True once a widget shows it
 
     @property
@@ -125,7 +131,8 @@ class ReviewSession:
         return remaining[0] if remaining else None
 
     def progress(self) -> str:
-        return f"{len(self.ratings)} of {len(self.pairs)} rated"
+        stale = f" ({self.stale} earlier ratings were of other outputs)" if self.stale else ""
+        return f"{len(self.ratings)} of {len(self.pairs)} rated{stale}"
 
     def rate(self, verdict: str, passed_1: Sequence[str] = (), passed_2: Sequence[str] = ()) -> Rating:
         """Rate the current pair: the verdict and the criteria Output 1 and Output 2 pass; saves it."""
