@@ -9,6 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from test_checks_chat import WRONG_CHAT
+from test_checks_lora import WRONG_LORA
 
 from lumorik_sft.course import checks
 from lumorik_sft.course.grading import _compile_cell
@@ -355,6 +356,7 @@ WRONG: dict[str, list[tuple[str, str]]] = {
         ),
     ],
     **WRONG_CHAT,  # 09_chat_sft.ipynb's wrong masks, with tests of their own in test_checks_chat.py
+    **WRONG_LORA,  # 10_lora.ipynb's wrong LoRA layers, with tests of their own in test_checks_lora.py
 }
 
 WRONG_ANSWERS: dict[str, list[tuple[object, str]]] = {

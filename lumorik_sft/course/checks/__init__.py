@@ -20,8 +20,8 @@ What is where:
   by its registration: :mod:`.ch01_data` (``01_data_curation.ipynb``), :mod:`.ch02_encoding`
   (``02_tokenization.ipynb``), :mod:`.ch03_training` (``03_training_loop.ipynb``),
   :mod:`.ch04_evaluation` (``04_evaluation.ipynb``), :mod:`.ch05_worked_example`
-  (``05_worked_example.ipynb``), :mod:`.ch06_questions` (``06_practice_questions.ipynb``) and
-  :mod:`.ch09_chat` (``09_chat_sft.ipynb``);
+  (``05_worked_example.ipynb``), :mod:`.ch06_questions` (``06_practice_questions.ipynb``),
+  :mod:`.ch09_chat` (``09_chat_sft.ipynb``) and :mod:`.ch10_lora` (``10_lora.ipynb``);
 * this module: :data:`EXERCISES` in notebook order, and a ``check_<name>`` function for each.
 
 To add an exercise: in its notebook's chapter module, write ``make_cases``, ``reference``, ``run``
@@ -49,6 +49,7 @@ from lumorik_sft.course.checks import (
     ch05_worked_example,
     ch06_questions,
     ch09_chat,
+    ch10_lora,
     framework,
 )
 from lumorik_sft.course.checks.framework import (
@@ -72,6 +73,7 @@ CHAPTERS = (
     ch05_worked_example,
     ch06_questions,
     ch09_chat,
+    ch10_lora,
 )
 
 EXERCISES: dict[str, Exercise] = {ex.name: ex for m in CHAPTERS for ex in m.CHAPTER.exercises}
