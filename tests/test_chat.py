@@ -7,6 +7,7 @@ labels TRL's `SFTTrainer(assistant_only_loss=True)` builds for the same chats.
 from __future__ import annotations
 
 import json
+import random
 import tempfile
 from pathlib import Path
 
@@ -180,6 +181,22 @@ def test_last_turn_only_supervises_the_final_reply(tok, messages):
     assert _assistant_texts(tok, example) == [messages[-1]["content"] + chat.END_OF_TURN]
 
 
+def _seeded_chats(n: int, seed: int) -> list[list[dict[str, str]]]:
+    """Chats like `chats()` draws (system or not, 1-4 exchanges, PIECES text), from a seed."""
+    rng = random.Random(seed)
+
+    def text() -> str:
+        return "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 12))).replace("<|", "< |")
+
+    out = []
+    for _ in range(n):
+        messages = [_msg("system", text())] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 4)):
+            messages += [_msg("user", text()), _msg("assistant", text())]
+        out.append(messages)
+    return out
+
+
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")  # TRL's config
 def test_encode_chat_matches_trl_assistant_only_loss(chat_model):
     from datasets import Dataset
@@ -196,6 +213,7 @@ def test_encode_chat_matches_trl_assistant_only_loss(chat_model):
         ],
         [{"role": "user", "content": "naïve café"}, {"role": "assistant", "content": "中文 ok"}],
         [{"role": "user", "content": ""}, {"role": "assistant", "content": "\tx"}],
+        *_seeded_chats(40, seed=0),  # the hypothesis test's kind of chat, drawn once: one trainer for all
     ]
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(
