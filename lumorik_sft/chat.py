@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 import random
 import re
-from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -134,13 +133,3 @@ def chat_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     """The ids of our role and end-of-turn tokens (KeyError if the tokenizer lacks one)."""
     vocab = tokenizer.get_vocab()
     return {token: vocab[token] for token in CHAT_TOKENS}
-
-
-def describe(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """What a student should check on a chat tokenizer: its tokens, stop token and markers."""
-    return {
-        "eos_token": tokenizer.eos_token,
-        "special_tokens": [t for t in tokenizer.all_special_tokens if t not in (None, "")],
-        "has_chat_template": bool(tokenizer.chat_template),
-        "has_generation_markers": has_generation_markers(tokenizer.chat_template),
-    }

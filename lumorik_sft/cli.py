@@ -74,11 +74,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _encode_file(path: str, what: str, tokenizer: Any, max_length: int, last_turn_only: bool = False) -> list:
-    """Read (DataError names file:line:field), encode, and say what encoding cut or dropped."""
+def _encode_file(
+    path: str, what: str, tokenizer: Any, max_length: int, last_turn_only: bool = False, records: Any = None
+) -> list:
+    """Read (DataError names file:line:field) unless read already, encode, say what was cut or dropped."""
     from lumorik_sft import data, pipeline
 
-    records = data.read_records(path).records
+    records = data.read_records(path).records if records is None else records
     examples, report = pipeline.encode_data(
         records, tokenizer, max_length=max_length, last_turn_only=last_turn_only
     )
@@ -102,15 +104,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from lumorik_sft.models import load_model_and_tokenizer
 
     config = config_from_args(TrainConfig, args)  # validated before the model loads
-    model_name = args.model
+    model_name, train_records = args.model, None
     if model_name is None:  # the data decide: chats need the embedded model with a chat template
-        model_name = pipeline.default_model(data.read_records(args.train).records[:1], None)
+        train_records = data.read_records(args.train).records
+        model_name = pipeline.default_model(train_records, None)
     if model_name != args.model:
         print(f"chat data: training {model_name} (the embedded model with a chat template)")
     model, tokenizer = load_model_and_tokenizer(model_name, device=config.device)
     max_length = encoding.fit_max_length(model, args.max_length)
     last = args.last_turn_only
-    train_ex = _encode_file(args.train, "training", tokenizer, max_length, last)
+    train_ex = _encode_file(args.train, "training", tokenizer, max_length, last, train_records)
     val_ex = _encode_file(args.val, "validation", tokenizer, max_length, last) if args.val else None
     print(f"max length {max_length} tokens")
     # learning_rate None goes through: train() applies the model's recommended rate

@@ -20,7 +20,7 @@ The chapter's `labels=batch["input_ids"]` trains on the prompt and on padding in
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -466,18 +466,24 @@ def chat_length(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str,
 
 
 def fit_chat(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]], max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[dict[str, str]],
+    max_length: int,
+    length: Callable[[PreTrainedTokenizerBase, Sequence[dict[str, str]]], int] | None = None,
 ) -> tuple[list[dict[str, str]] | None, int]:
     """Drop the oldest exchanges (a user turn and the reply to it) until the chat fits.
 
-    The system message and the last exchange are kept whole: no turn is ever cut in half, so no
-    reply is half supervised. Returns (messages, turns dropped), or (None, turns) when even the
-    system message and the last exchange are too long.
+    The system message and the last exchange (or, for a history, the last user turn) are kept
+    whole: no turn is ever cut in half, so no reply is half supervised. ``length`` measures a
+    chat (default `chat_length`; generation passes the prompt's length). Returns (messages,
+    turns dropped), or (None, turns) when even the system message and the last exchange are
+    too long.
     """
+    length = length or chat_length
     kept = list(messages)
     dropped = 0
     first = 1 if kept and kept[0]["role"] == "system" else 0
-    while chat_length(tokenizer, kept) > max_length:
+    while length(tokenizer, kept) > max_length:
         if len(kept) - first <= 2:
             return None, dropped + len(kept) - first
         del kept[first : first + 2]
@@ -496,6 +502,10 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, history: Sequence[dict[s
     return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
+def _prompt_length(tokenizer: PreTrainedTokenizerBase, history: Sequence[dict[str, str]]) -> int:
+    return len(chat_prompt_ids(tokenizer, history))
+
+
 def encode_chat_prompts_for_generation(
     tokenizer: PreTrainedTokenizerBase,
     histories: Sequence[Sequence[dict[str, str]]],
@@ -509,15 +519,12 @@ def encode_chat_prompts_for_generation(
     prepare_tokenizer(tokenizer)
     rows = []
     for history in histories:
-        kept = list(history)
-        first = 1 if kept and kept[0]["role"] == "system" else 0
-        ids = chat_prompt_ids(tokenizer, kept)
-        while max_prompt_tokens is not None and len(ids) > max_prompt_tokens and len(kept) - first > 1:
-            del kept[first : first + 2]
-            ids = chat_prompt_ids(tokenizer, kept)
-        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-            raise ValueError(f"the last user turn alone is longer than {max_prompt_tokens} tokens")
-        rows.append(ids)
+        if max_prompt_tokens is not None:
+            fitted, _ = fit_chat(tokenizer, history, max_prompt_tokens, length=_prompt_length)
+            if fitted is None:
+                raise ValueError(f"the last user turn alone is longer than {max_prompt_tokens} tokens")
+            history = fitted
+        rows.append(chat_prompt_ids(tokenizer, history))
     collate = SFTCollator(tokenizer.pad_token_id, padding_side="left")
     return collate([{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows])
 
