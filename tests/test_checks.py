@@ -54,6 +54,30 @@ WRONG: dict[str, list[tuple[str, str]]] = {
     return out""",
             "empty",
         ),
+        (
+            """def clean_and_dedupe(records):  # cleans all but the normal form: looks right in a browser
+    import unicodedata
+
+    out, seen = [], set()
+    for r in records:
+        key = tuple(unicodedata.normalize("NFD", data.clean_text(r[f])) for f in ("prompt", "completion"))
+        if all(key) and key not in seen:
+            seen.add(key)
+            out.append({"prompt": key[0], "completion": key[1]})
+    return out""",
+            "differ in Unicode normal form",
+        ),
+        (
+            """def clean_and_dedupe(records):  # leaves no-break spaces in the completion
+    out, seen = [], set()
+    for r in records:
+        key = (data.clean_text(r["prompt"]), r["completion"].strip())
+        if all(key) and key not in seen:
+            seen.add(key)
+            out.append({"prompt": key[0], "completion": key[1]})
+    return out""",
+            "completion",
+        ),
     ],
     "leak_free_split": [
         (
@@ -570,3 +594,20 @@ def test_importing_the_checks_imports_every_module_and_ignore_index_is_not_redef
     assert {Path(f).resolve() for f in files.split()} == set(CHECKS_DIR.glob("*.py"))
     for path in CHECKS_DIR.glob("*.py"):
         assert "IGNORE_INDEX =" not in path.read_text(), f"{path.name} redefines encoding.IGNORE_INDEX"
+
+
+@pytest.mark.parametrize(
+    ("got", "want", "says"),
+    [
+        ("nai\u0308ve?", "na\u00efve?", "Unicode normal form"),
+        ("a\u00a0b", "a b", "U+00A0 NO-BREAK SPACE, expected U+0020 SPACE"),
+        ("a\u200bb", "ab", "U+200B ZERO WIDTH SPACE"),
+        ("a\tb", "a b", "U+0009 control character"),
+        ("ab", "abc", "at character 2: yours has the end of the text, expected U+0063"),
+    ],
+)
+def test_text_difference_names_invisible_characters(got, want, says):
+    from lumorik_sft.course.checks.framework import text_difference
+
+    assert says in text_difference(got, want)
+    assert text_difference(want, want) == "the texts are equal"

@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from lumorik_sft.course.checks.framework import Chapter, messy, sentence, short, to_data
+from lumorik_sft.course.checks.framework import Chapter, messy, sentence, short, text_difference, to_data
 
 CHAPTER = Chapter("01_data_curation.ipynb")
 
@@ -77,11 +77,12 @@ def _dedupe_compare(case: dict[str, Any], expected: Any, got: Any) -> str | None
     if have == want:
         return None
     for i, (p, c) in enumerate(have):
-        if (clean_text(p), clean_text(c)) != (p, c):
-            return (
-                f"record {i} is not cleaned: prompt {p!r} should be {clean_text(p)!r} "
-                "(clean both fields with data.clean_text)"
-            )
+        for name, value in (("prompt", p), ("completion", c)):
+            if clean_text(value) != value:
+                return (
+                    f"record {i} is not cleaned: {name} {value!r} should be {clean_text(value)!r}; "
+                    f"{text_difference(value, clean_text(value))} (clean both fields with data.clean_text)"
+                )
         if not p or not c:
             return f"record {i} has an empty {'prompt' if not p else 'completion'} after cleaning: drop it"
     seen: dict[tuple[str, str], int] = {}

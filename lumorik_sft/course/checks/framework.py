@@ -205,6 +205,40 @@ def short(x: Any, n: int = 80) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
+def _char_name(ch: str) -> str:
+    """A character as a student can identify it: its code point and Unicode name."""
+    return f"U+{ord(ch):04X} {unicodedata.name(ch, 'control character')}"
+
+
+def _looks_plain(ch: str) -> bool:
+    """Characters that read unambiguously on screen: printable ASCII other than space."""
+    return 33 <= ord(ch) < 127
+
+
+def text_difference(got: str, want: str) -> str:
+    """Where two strings first differ, named so that invisible differences become visible.
+
+    Two strings can print identically in a browser and still differ: Unicode normal form
+    ('i' + combining diaeresis against precomposed 'ï'), a no-break space for a space, a tab,
+    a zero-width or control character. Feedback that quotes both strings must say which.
+    """
+    if got == want:
+        return "the texts are equal"
+    if unicodedata.normalize("NFC", got) == unicodedata.normalize("NFC", want):
+        return (
+            "they look the same but differ in Unicode normal form (composed 'ï' against 'i' + a "
+            "combining mark); unicodedata.normalize('NFC', text) makes them equal"
+        )
+    i = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+    yours = _char_name(got[i]) if i < len(got) else "the end of the text"
+    wanted = _char_name(want[i]) if i < len(want) else "the end of the text"
+    where = f"they first differ at character {i}: yours has {yours}, expected {wanted}"
+    hidden = [c for c in (got[i : i + 1] + want[i : i + 1]) if not _looks_plain(c)]
+    if hidden:
+        where += " (whitespace or characters that look alike on screen)"
+    return where
+
+
 def not_a_number(symbol: str, got: Any) -> str | None:
     """Feedback when an answer that should be a number is unset or not a number; None when it is one."""
     if got is None:
