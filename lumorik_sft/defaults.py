@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lumorik_sft.models import count_parameters, cpu_supports_bf16
+from lumorik_sft.models import count_parameters, cpu_supports_bf16, resolve_alias
 
 FAST_ENV = "LUMORIK_FAST"
 CHAPTER_LEARNING_RATE = 5e-5  # the chapter's, right for GPT-2-size models
@@ -79,7 +79,7 @@ def recommended_learning_rate(model_source: str | None, model: torch.nn.Module |
     The chapter's 5e-5 suits GPT-2-size models (100M+ parameters); a model of a few million
     parameters barely moves with it and wants about 1e-3 (notebook 03's sweep shows both).
     """
-    card = Path(model_source) / "card.json" if model_source else None
+    card = Path(resolve_alias(model_source)) / "card.json" if model_source else None
     if card is not None and card.exists():
         lr = json.loads(card.read_text()).get("recommended_sft_learning_rate")
         if lr:

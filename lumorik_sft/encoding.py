@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from lumorik_sft.chat import has_generation_markers
-from lumorik_sft.models import context_length, prepare_tokenizer
+from lumorik_sft.models import context_length, prepare_tokenizer, shown_path
 
 IGNORE_INDEX = -100
 DEFAULT_SEPARATOR = "\n"
@@ -373,7 +373,7 @@ def chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
     all -100: the loss would train on nothing, silently.
     """
     template = tokenizer.chat_template
-    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    name = shown_path(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
     if not template or not isinstance(template, str):
         raise ChatTemplateError(
             f"tokenizer {name} has no chat template; use a chat model (e.g. --model embedded-chat) "

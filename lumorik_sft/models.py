@@ -124,7 +124,7 @@ def load_model_and_tokenizer(
     starting with `.` or `~`, or with more folders than a Hugging Face `owner/name`) and names no
     folder raises FileNotFoundError instead of Hugging Face's rules for model names.
     """
-    source = _resolve_alias(str(name_or_path) if name_or_path is not None else "embedded")
+    source = resolve_alias(str(name_or_path) if name_or_path is not None else "embedded")
     source = _check_model_folder(source)
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
     adapter = Path(source) / "adapter_config.json"
@@ -136,7 +136,7 @@ def load_model_and_tokenizer(
             raise ValueError(
                 f"{adapter} names no base_model_name_or_path; load the base and use lora.load_adapter"
             )
-        model = AutoModelForCausalLM.from_pretrained(_check_model_folder(_resolve_alias(base)), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(_check_model_folder(resolve_alias(base)), **kwargs)
         model = lora.load_adapter(_declare_causal_lm_loss(model), source)
     else:
         model = _declare_causal_lm_loss(AutoModelForCausalLM.from_pretrained(source, **kwargs))
@@ -144,7 +144,7 @@ def load_model_and_tokenizer(
     return model.to(resolve_device(device)), tokenizer
 
 
-def _resolve_alias(name: str) -> str:
+def resolve_alias(name: str) -> str:
     """'embedded' and 'embedded-chat' -> their folders; any other name unchanged."""
     if name == "embedded":
         return str(embedded_model_path())
@@ -162,10 +162,33 @@ def model_source_name(model: PreTrainedModel) -> str | None:
     source = getattr(model, "name_or_path", None) or None
     if source is None:
         return None
-    for alias, folder in EMBEDDED_ALIASES.items():
-        if Path(source).resolve() == folder.resolve():
-            return alias
-    return str(source)
+    return embedded_alias(source) or str(source)
+
+
+def embedded_alias(path: str | Path) -> str | None:
+    """'embedded' or 'embedded-chat' when ``path`` is that shipped model's folder, else None."""
+    resolved = Path(path).expanduser().resolve()
+    return next((a for a, folder in EMBEDDED_ALIASES.items() if resolved == folder.resolve()), None)
+
+
+def shown_path(path: str | Path) -> str:
+    """A path as printed to a student: never this machine's absolute path.
+
+    The shipped models print as their aliases ('embedded'), a path under the working directory
+    relative to it, one under the temporary directory as ``$TMPDIR/...``; other names (a hub
+    name, a path the student typed) unchanged.
+    """
+    import tempfile
+
+    text = str(path)
+    alias = embedded_alias(text)
+    if alias is not None or not Path(text).expanduser().is_absolute():
+        return alias or text
+    resolved = Path(text).expanduser().resolve()
+    for base, prefix in ((Path.cwd(), ""), (Path(tempfile.gettempdir()), "$TMPDIR/")):
+        with contextlib.suppress(ValueError):
+            return prefix + str(resolved.relative_to(base.resolve()))
+    return text
 
 
 def _declare_causal_lm_loss(model: PreTrainedModel) -> PreTrainedModel:

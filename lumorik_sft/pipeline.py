@@ -58,7 +58,8 @@ def model_and_tokenizer(
     """
     if name_or_path is not None or models.has_embedded_model():
         model, tokenizer = models.load_model_and_tokenizer(name_or_path, device=device)
-        return model, tokenizer, str(name_or_path or models.embedded_model_path())
+        source = str(name_or_path or "embedded")
+        return model, tokenizer, models.embedded_alias(source) or source  # no machine path
     if not fallback_texts:
         raise FileNotFoundError("no model given and the embedded base model is missing")
     tokenizer = models.train_bpe_tokenizer(fallback_texts, vocab_size=2048)

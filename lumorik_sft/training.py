@@ -52,7 +52,13 @@ from lumorik_sft.distributed import DataParallel, StopSignals, setup_data_parall
 from lumorik_sft.encoding import IGNORE_INDEX, SFTCollator
 from lumorik_sft.fused_loss import completion_nll as fused_completion_nll
 from lumorik_sft.metrics import LossFn, completion_nll, evaluate_loss
-from lumorik_sft.models import context_length, fused_activations, prepare_tokenizer, resolve_device
+from lumorik_sft.models import (
+    context_length,
+    fused_activations,
+    prepare_tokenizer,
+    resolve_device,
+    shown_path,
+)
 from lumorik_sft.packing import count_input_tokens, make_collator
 from lumorik_sft.progress import progress_quiet
 from lumorik_sft.schedule import Batch, Examples, _epoch_steps, build_optimizer, plan_steps
@@ -388,7 +394,7 @@ def _interrupt(run: _Run, stop: StopSignals) -> None:
     else:
         checkpoint.write_history(path.parent, run.result)
         print(
-            f"{stopped}; checkpoint saved to {path}. Resume with the same command plus "
+            f"{stopped}; checkpoint saved to {shown_path(path)}. Resume with the same command plus "
             "--resume (in Python: train(..., resume=True) with the same arguments)."
         )
 

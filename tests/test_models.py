@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -108,3 +110,33 @@ def test_gpt2_declares_its_causal_lm_loss_so_labels_warn_nothing(toy_tokenizer, 
     expected = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
     torch.testing.assert_close(loss, expected)
     assert "loss_type" not in capfd.readouterr().err
+
+
+def test_paths_are_shown_without_this_machines_absolute_path(tmp_path, monkeypatch):
+    from lumorik_sft import models
+
+    assert models.shown_path(models.EMBEDDED_MODEL_DIR) == "embedded"
+    assert models.shown_path(str(models.EMBEDDED_CHAT_MODEL_DIR) + "/") == "embedded-chat"
+    course = tmp_path / "course"
+    (course / "runs").mkdir(parents=True)
+    monkeypatch.chdir(course)
+    assert models.shown_path(course / "runs" / "final") == "runs/final"
+    monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path / "tmp"))
+    assert (
+        models.shown_path(tmp_path / "tmp" / "lumorik-03-x" / "checkpoint.pt")
+        == "$TMPDIR/lumorik-03-x/checkpoint.pt"
+    )
+    assert models.shown_path("gpt2") == "gpt2"  # a hub name, or a path the student typed
+    assert models.shown_path("/elsewhere/model") == "/elsewhere/model"
+
+
+def test_the_embedded_model_is_named_by_its_alias_and_its_card_still_read():
+    from lumorik_sft import defaults, models
+    from lumorik_sft.pipeline import model_and_tokenizer
+
+    if not models.has_embedded_model():
+        pytest.skip("this checkout has no embedded model")
+    _, _, source = model_and_tokenizer(None, device="cpu")
+    assert source == "embedded"
+    card = json.loads((models.EMBEDDED_MODEL_DIR / "card.json").read_text())
+    assert defaults.recommended_learning_rate(source) == card["recommended_sft_learning_rate"]
