@@ -45,6 +45,25 @@ def test_check_fails_on_drift(tmp_path, capsys):
     ).read_bytes()
 
 
+def test_reset_restores_one_exercise_and_keeps_the_students_copy(tmp_path, capsys):
+    out = tmp_path / "exercises"
+    shutil.copytree(EXERCISES, out)
+    path = out / "01_data_curation.ipynb"
+    edited = path.read_text().replace("raise NotImplementedError", "return []  # my attempt")
+    path.write_text(edited, encoding="utf-8")
+    other = out / "02_tokenization.ipynb"
+    other.write_text(other.read_text() + " ", encoding="utf-8")  # another exercise: left alone
+
+    assert exercises.run_from_args(_args(action="reset", name="01_data_curation", out=str(out))) == 0
+    assert path.read_bytes() == (EXERCISES / "01_data_curation.ipynb").read_bytes()
+    assert (out / "01_data_curation.ipynb.bak").read_text() == edited
+    assert other.read_text().endswith(" ")
+    assert "your version is kept as" in capsys.readouterr().out
+    assert exercises.run_from_args(_args(action="reset", name="99_nope", out=str(out))) == 2
+    assert "no exercise named '99_nope'" in capsys.readouterr().out
+    assert exercises.run_from_args(_args(action="reset", name=None, out=str(out))) == 2
+
+
 def _without_hint_cells(nb):
     """The exercise's cells minus the hint cells the generator inserts after a hinted code cell."""
     return [c for c in nb.cells if not str(c.get("id", "")).endswith("-hints")]

@@ -243,9 +243,41 @@ def check(solutions: str | Path = "solutions", out: str | Path = "exercises") ->
     return problems
 
 
+def reset(
+    name: str, solutions: str | Path = "solutions", out: str | Path = "exercises"
+) -> tuple[Path, Path | None]:
+    """Restore one exercise notebook as it was generated; returns (notebook, backup or None).
+
+    The student's edited copy is kept beside it as ``NAME.ipynb.bak`` (an earlier backup is
+    replaced), so a reset never loses work; the ``.bak`` suffix keeps it out of `build`'s reach.
+    """
+    import nbformat
+
+    file = Path(name).name if Path(name).suffix == ".ipynb" else Path(name).name + ".ipynb"
+    source = Path(solutions) / file
+    if not source.exists():
+        known = ", ".join(sorted(p.name for p in Path(solutions).glob("*.ipynb"))) or "none"
+        raise FileNotFoundError(f"no exercise named {name!r} (exercises: {known})")
+    path = Path(out) / file
+    backup = None
+    if path.exists():
+        backup = path.with_name(file + ".bak")
+        backup.write_bytes(path.read_bytes())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = _render(generate_notebook(nbformat.read(source, as_version=4), file))
+    path.write_text(text, encoding="utf-8", newline="\n")
+    return path, backup
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``lumorik-sft exercises``: ``build [--check] [--solutions DIR] [--out DIR]``."""
-    parser.add_argument("action", choices=["build"], help="generate exercises/ from solutions/")
+    """``lumorik-sft exercises build [--check]`` or ``reset NAME`` (with --solutions, --out)."""
+    parser.add_argument(
+        "action",
+        choices=["build", "reset"],
+        help="build: generate exercises/ from solutions/; reset NAME: restore one exercise notebook "
+        "(your copy is kept as NAME.ipynb.bak)",
+    )
+    parser.add_argument("name", nargs="?", help="reset: the exercise notebook, e.g. 01_data_curation")
     parser.add_argument(
         "--check",
         action="store_true",
@@ -256,6 +288,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if args.action == "reset":
+        if not args.name:
+            print("lumorik-sft exercises reset NAME: which notebook? e.g. 01_data_curation")
+            return 2
+        try:
+            path, backup = reset(args.name, args.solutions, args.out)
+        except FileNotFoundError as e:
+            print(e)
+            return 2
+        kept = f"; your version is kept as {backup}" if backup else ""
+        print(f"restored {path}{kept}. Reload it in JupyterLab (File > Reload Notebook from Disk).")
+        return 0
     if args.check:
         problems = check(args.solutions, args.out)
         for p in problems:
