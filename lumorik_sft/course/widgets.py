@@ -16,6 +16,7 @@ the default results as plain images and text, which read well on GitHub.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,25 @@ def in_jupyter_kernel() -> bool:
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
+def frontend_can_show_widgets() -> bool:
+    """Whether a front end that renders ipywidgets may be attached to this process.
+
+    Any kernel with a front end (JupyterLab, Notebook 7, VS Code) has a ``kernel`` attribute on
+    its shell; Colab's shell is not a ``ZMQInteractiveShell`` but Colab renders ipywidgets too.
+    A plain Python or terminal IPython shell has neither.
+    """
+    import sys
+
+    if "google.colab" in sys.modules:
+        return True
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and (in_jupyter_kernel() or getattr(shell, "kernel", None) is not None)
+
+
 def _ipywidgets_available() -> bool:
     try:
         import ipywidgets  # noqa: F401
@@ -50,8 +70,9 @@ def _ipywidgets_available() -> bool:
 def widgets_enabled() -> bool:
     """Whether to show live controls: ``LUMORIK_WIDGETS`` if set, else a heuristic.
 
-    The heuristic says yes only in a Jupyter kernel with ipywidgets installed, outside fast mode
-    and CI (where nbval runs the notebooks and nobody can click).
+    The heuristic says yes in any front end that renders widgets (`frontend_can_show_widgets`)
+    with ipywidgets installed, outside fast mode and CI (where nbval runs the notebooks and
+    nobody can click).
     """
     from lumorik_sft.defaults import fast_mode
 
@@ -64,7 +85,7 @@ def widgets_enabled() -> bool:
         raise ValueError(f"{WIDGETS_ENV}={setting!r}: use 1 (widgets) or 0 (plain output)")
     if fast_mode() or os.environ.get("CI"):
         return False
-    return in_jupyter_kernel() and _ipywidgets_available()
+    return frontend_can_show_widgets() and _ipywidgets_available()
 
 
 def _display(obj: Any) -> None:
@@ -167,6 +188,10 @@ def defaults(controls: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.default if isinstance(v, Control) else v for k, v in controls.items()}
 
 
+DEFAULTS_NOTE = "The checks (assert cells) below use the default values, not the ones you pick here."
+RUNNING = "running…"
+
+
 def interactive_or_static(
     fn: Callable[..., Any], *, manual: bool = False, show: bool = True, **controls: Any
 ) -> Any:
@@ -174,10 +199,11 @@ def interactive_or_static(
 
     ``controls`` map fn's keyword arguments to `slider`, `log_slider`, `choice`, `text` or
     `checkbox` (or plain values, passed unchanged). Where `widgets_enabled` is true, the
-    controls appear above an output area that ``fn`` re-renders whenever a value changes, or
+    controls appear above a plain output that ``fn`` re-renders whenever a value changes, or
     when the Run button is pressed with ``manual=True`` (use that when fn trains a model).
-    Whatever ``fn`` prints or returns (a figure, a table) appears in that area. Elsewhere
-    the default call is all there is, shown as plain output. Returns the default call's result.
+    Whatever ``fn`` prints or returns (a figure, a table) appears there. Elsewhere the default
+    call is all there is, shown as plain output. Returns the default call's result; an
+    exception in that first call is shown under the widget and raised in the cell.
     """
     values = defaults(controls)
     if not widgets_enabled():
@@ -185,36 +211,177 @@ def interactive_or_static(
         if show:
             _display(result)
         return result
+    return LiveControls(fn, values, controls, manual=manual, show=show).start()
 
-    import ipywidgets as w
-    from IPython.display import display
 
-    live = {k: c.widget(k) for k, c in controls.items() if isinstance(c, Control)}
-    out = w.Output()
-    first: dict[str, Any] = {}
+def capture_call(fn: Callable[..., Any], values: Mapping[str, Any], show: bool) -> tuple[Any, Any]:
+    """Run ``fn(**values)`` capturing what it prints and displays: (result, captured outputs)."""
+    from IPython.core.display_functions import display
+    from IPython.utils.capture import capture_output
 
-    def render(**changed: Any) -> None:
-        with out:
-            out.clear_output(wait=True)
-            result = fn(**{**values, **changed})
-            if show and result is not None:
-                display(result)
-        first.setdefault("result", result)
+    with capture_output() as captured:
+        result = fn(**values)
+        if show and result is not None:
+            display(result)
+    return result, captured
 
-    if manual:
-        button = w.Button(description="Run", button_style="primary")
-        button.on_click(lambda _: render(**{k: c.value for k, c in live.items()}))
-        display(w.VBox([*live.values(), button, out]))
-    else:
 
-        def on_change(_: Any) -> None:
-            render(**{k: c.value for k, c in live.items()})
+class LatestResult:
+    """What one run printed and displayed, as one plain output (HTML with text and images).
 
-        for c in live.values():
-            c.observe(on_change, names="value")
-        display(w.VBox([*live.values(), out]))
-    render()
-    return first["result"]
+    The result lives in an ordinary output with a display id, not inside the widget, so a
+    notebook saved and reopened without its kernel still shows the latest result (a widget's
+    own output would read "Error displaying widget: model not found").
+    """
+
+    def __init__(
+        self, captured: Any = None, values: Mapping[str, Any] | None = None, error: str = ""
+    ) -> None:
+        self.captured = captured
+        self.values = dict(values or {})
+        self.error = error
+
+    def _parts(self) -> list[tuple[str, str]]:
+        """(kind, content) pieces in order: text, images (base64 PNG) and HTML."""
+        parts: list[tuple[str, str]] = []
+        cap = self.captured
+        if cap is not None:
+            for out in cap.outputs:
+                data = out.data
+                if "image/png" in data:
+                    parts.append(("png", _base64(data["image/png"])))
+                elif "text/html" in data:
+                    parts.append(("html", data["text/html"]))
+                elif "text/plain" in data:
+                    parts.append(("text", data["text/plain"]))
+            text = (cap.stdout or "") + (cap.stderr or "")
+            if text:
+                parts.append(("text", text))
+        if self.error:
+            parts.append(("error", self.error))
+        return parts
+
+    def text(self) -> str:
+        """The plain-text view: the settings line, the printed text and the error."""
+        lines = [settings_line(self.values)]
+        lines += [c for kind, c in self._parts() if kind in ("text", "error")]
+        return "\n".join(lines)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        import html
+
+        chunks = [f"<p><b>{html.escape(settings_line(self.values))}</b></p>"]
+        for kind, content in self._parts():
+            if kind == "png":
+                chunks.append(f'<img src="data:image/png;base64,{content}"/>')
+            elif kind == "html":
+                chunks.append(content)
+            else:
+                style = ' style="color:#b00"' if kind == "error" else ""
+                chunks.append(f"<pre{style}>{html.escape(content)}</pre>")
+        return {"text/plain": self.text(), "text/html": "\n".join(chunks)}
+
+
+def _base64(png: str | bytes) -> str:
+    """A kernel hands PNGs over base64-encoded, a plain IPython shell as bytes."""
+    import base64
+
+    return base64.b64encode(png).decode() if isinstance(png, bytes) else png
+
+
+def settings_line(values: Mapping[str, Any]) -> str:
+    """One line naming the values a result was computed with."""
+    shown = ", ".join(f"{k}={v!r}" for k, v in values.items() if not isinstance(v, str) or len(v) < 40)
+    return f"latest result: {shown}" if shown else "latest result"
+
+
+class LiveControls:
+    """Controls, a Run button (manual), a status line, an error area, and the latest result.
+
+    While fn runs the status says "running…" and the controls are disabled, re-enabled after
+    (also after an exception). An exception's traceback is shown under the controls.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        values: Mapping[str, Any],
+        controls: Mapping[str, Any],
+        *,
+        manual: bool,
+        show: bool,
+    ) -> None:
+        import ipywidgets as w
+
+        self.fn, self.values, self.show, self.manual = fn, dict(values), show, manual
+        self.live = {k: c.widget(k) for k, c in controls.items() if isinstance(c, Control)}
+        self.button = w.Button(description="Run", button_style="primary") if manual else None
+        self.status = w.HTML(value="")
+        self.errors = w.Output()
+        self.note = w.HTML(value=f"<i>{DEFAULTS_NOTE}</i>")
+        self.handle: Any = None
+        self.runs = 0
+
+    def chosen(self) -> dict[str, Any]:
+        """The values the controls show now, over the fixed arguments."""
+        return {**self.values, **{k: c.value for k, c in self.live.items()}}
+
+    def _busy(self, busy: bool, message: str) -> None:
+        for c in [*self.live.values(), *([self.button] if self.button else [])]:
+            c.disabled = busy
+        self.status.value = message
+
+    def render(self, values: Mapping[str, Any]) -> Any:
+        """Run fn on ``values`` and publish its outputs; on error show the traceback and raise."""
+        import traceback
+
+        self._busy(True, f"<b>{RUNNING}</b>")
+        self.errors.outputs = ()  # clear_output() only reaches a front end
+        try:
+            result, captured = capture_call(self.fn, values, self.show)
+        except Exception:
+            tb = traceback.format_exc()
+            self.errors.append_stderr(tb)
+            self._publish(LatestResult(None, values, error=tb))
+            self._busy(False, "<b style='color:#b00'>failed: the error is shown below</b>")
+            raise
+        self.runs += 1
+        self._publish(LatestResult(captured, values))
+        self._busy(False, f"done (run {self.runs})")
+        return result
+
+    def _publish(self, latest: LatestResult) -> None:
+        from IPython.display import display
+
+        if self.handle is None:
+            self.handle = display(latest, display_id=True)
+        else:
+            self.handle.update(latest)
+
+    def _on_event(self, _: Any) -> None:
+        """A click or a change: errors are already shown to the student, so swallow them here."""
+        with contextlib.suppress(Exception):
+            self.render(self.chosen())
+
+    def start(self) -> Any:
+        """Display the controls and run the default call; its exception reaches the cell."""
+        import ipywidgets as w
+        from IPython.display import display
+
+        if self.button is not None:
+            self.button.on_click(self._on_event)
+        else:
+            for c in self.live.values():
+                c.observe(self._on_event, names="value")
+        parts = [
+            *self.live.values(),
+            *([self.button] if self.button else []),
+            self.status,
+            self.errors,
+            self.note,
+        ]
+        display(w.VBox(parts))
+        return self.render(self.values)
 
 
 # --------------------------------------------------------------------------- live loss curve
