@@ -209,7 +209,9 @@ def test_interactive_or_static_live_path_builds_controls(monkeypatch):
     assert out == (0.7, 32, "hi", True)
     box = next(o for o in shown if isinstance(o, ipywidgets.VBox))
     kinds = [type(c).__name__ for c in box.children]
-    assert kinds == ["FloatSlider", "IntSlider", "Textarea", "Checkbox", "Output"]
+    # the controls, then the status line, the error area and the note on the checks' default values
+    assert kinds == ["FloatSlider", "IntSlider", "Textarea", "Checkbox", "HTML", "Output", "HTML"]
+    assert W.DEFAULTS_NOTE in box.children[-1].value
 
 
 def test_live_loss_plot_draws_the_final_curve_when_not_live(factory, examples):
