@@ -168,7 +168,7 @@ class Notebook:
         # every notebook opened before in this server's workspace.
         self.page.goto(f"{self.server.url}/lab/tree/{self.path}?reset")
         self.page.wait_for_selector(f"{P} .jp-Cell", timeout=timeout * 1000)
-        self.wait_idle(timeout)
+        self.wait_idle(timeout, hold=1.0)  # the kernel has started
         self.shot("opened")
         return self
 
@@ -181,8 +181,8 @@ class Notebook:
         """Run All Cells from the menu and wait until the kernel is idle; the seconds it took."""
         start = time.monotonic()
         self.menu("Run", "Run All Cells")
-        self.page.wait_for_timeout(1000)
-        self.wait_idle(timeout)
+        self.page.wait_for_timeout(500)  # every cell is queued ([*]) at once
+        self.wait_idle(timeout, hold=1.5)
         seconds = time.monotonic() - start
         self.shot("ran-all")
         return seconds
