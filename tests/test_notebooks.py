@@ -121,6 +121,32 @@ def test_check_notebook_finds_stderr_warnings_and_printed_tracebacks(tmp_path: P
     assert "cell 2: a warning or traceback in the output: Traceback" in problems[2]
 
 
+def test_check_notebook_finds_a_machines_absolute_path(tmp_path: Path):
+    def printed(text: str, result: str | None = None):
+        outs = [nbformat.v4.new_output("stream", name="stdout", text=text)]
+        if result is not None:
+            outs.append(
+                nbformat.v4.new_output("execute_result", data={"text/plain": result}, execution_count=1)
+            )
+        return nbformat.v4.new_code_cell("x", execution_count=1, outputs=outs)
+
+    fine = printed("base model: embedded\nsaved to runs/demo/final and $TMPDIR/lumorik-03-x/checkpoint.pt\n")
+    assert check_notebook(_write(tmp_path, [fine])) == []
+    cells = [
+        printed("tokenizer from: /work/main/lumorik_sft/assets/base-model | context 256\n"),
+        printed("ok\n", result="PosixPath('/home/ada/course/runs/final')"),
+        printed("checkpoint saved to /tmp/lumorik-03-luv2r6gl/interrupted/checkpoint.pt.\n"),
+    ]
+    problems = check_notebook(_write(tmp_path, cells))
+    assert len(problems) == 3, problems
+    assert (
+        "cell 0: a machine's absolute path in the output: /work/main/lumorik_sft/assets/base-model"
+        in problems[0]
+    )
+    assert problems[1].endswith("/home/ada/course/runs/final")
+    assert "cell 2: a machine's absolute path" in problems[2]
+
+
 def test_check_notebook_limits_output_size(tmp_path: Path):
     big = nbformat.v4.new_code_cell(
         "print('x' * 3_000_000)",

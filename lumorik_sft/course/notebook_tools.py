@@ -180,6 +180,8 @@ def check_notebook(path: str | os.PathLike, *, max_output_bytes: int = MAX_OUTPU
       (``UserWarning: ...``): a student should never meet noise we shipped;
     - a code cell with source but no execution count (never run, or run out of order and
       cleared);
+    - an output that prints a machine's absolute path (``/home/...``, ``/tmp/...``): students
+      see paths relative to the course (`lumorik_sft.models.shown_path`);
     - more than `max_output_bytes` of outputs in total (2 MB by default).
 
     Each problem is one line naming the notebook and cell (0-based index), e.g.
@@ -225,7 +227,17 @@ def _noise(out: dict[str, Any]) -> str | None:
         return f"stderr output: {first}"
     if match := _WARNING.search(text):
         return f"a warning or traceback in the output: {text[match.start() :].splitlines()[0][:120]}"
+    data = out.get("data", {})
+    plain = data.get("text/plain", "")
+    text += "".join(plain) if isinstance(plain, list) else str(plain)
+    if match := _MACHINE_PATH.search(text):
+        return f"a machine's absolute path in the output: {match.group(0)[:120]}"
     return None
+
+
+# The usual roots of users' and temporary folders on Linux and macOS (not /usr or /opt: those
+# name the system's Python, which no course output prints either).
+_MACHINE_PATH = re.compile(r"(?<![\w.~$/])/(?:home|Users|work|tmp|root|private|var/folders)/[^\s'\")]*")
 
 
 # ------------------------------------------------------------------------------------ command line
