@@ -428,19 +428,19 @@ def comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The comparison as fixed-width text, one line per setting (what the notebook prints)."""
     head = (
         f"{'setting':<22}{'lr':>7}{'trainable':>11}{'%':>7}{'optim KiB':>11}{'peak MiB':>10}"
-        f"{'s/step':>8}{'val loss':>10}{'BLEU':>7}{'fidelity':>10}{'doc ppl':>9}{'forget':>8}"
+        f"{'s/step':>8}{'val loss':>10}{'BLEU':>7}{'fidelity':>10}{'doc ppl':>9}{'forget':>9}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         peak = "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
         ppl = "-" if r["doc_ppl_after"] is None else f"{r['doc_ppl_after']:.2f}"
-        forget = "-" if r["forgetting"] is None else f"{100 * r['forgetting']:+.1f}%"
+        forget = "-" if r["forgetting"] is None else f"{100 * r['forgetting']:+.0f}%"
         bleu = "-" if r["bleu"] is None else f"{r['bleu']:.1f}"
         fid = "-" if r["fidelity"] is None else f"{r['fidelity']:.3f}"
         lines.append(
             f"{r['label']:<22}{r['learning_rate']:>7g}{r['trainable']:>11,}{r['percent']:>7.2f}"
             f"{r['optimizer_bytes'] / 1024:>11,.0f}{peak:>10}{r['seconds_per_step']:>8.3f}"
-            f"{r['val_loss']:>10.3f}{bleu:>7}{fid:>10}{ppl:>9}{forget:>8}"
+            f"{r['val_loss']:>10.3f}{bleu:>7}{fid:>10}{ppl:>9}{forget:>9}"
         )
     return "\n".join(lines)
 
