@@ -5,6 +5,7 @@
     lumorik-sft train --train data/train.jsonl --val data/val.jsonl --out run
     lumorik-sft eval --model run/final --data data/val.jsonl
     lumorik-sft generate --model run/final --prompt "Write a product description. ..."
+    lumorik-sft lab                        # the course in JupyterLab
     lumorik-sft notebooks --execute        # re-run every notebook in place
     lumorik-sft exercises build --check    # exercises/ generated from solutions/
     lumorik-sft grade submissions/ --out grades/
@@ -25,7 +26,7 @@ from typing import Any
 
 from lumorik_sft.cli import add_core_commands, add_model_argument, command_parser, run
 from lumorik_sft.config import TrainConfig
-from lumorik_sft.course import exercises, grading, notebook_tools
+from lumorik_sft.course import exercises, grading, lab, notebook_tools
 
 
 class _CommandParser(argparse.ArgumentParser):
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["eval"].set_defaults(fact_aliases=_course_fact_aliases, fact_products=_course_products)
 
     for name, module, help_text in [
+        ("lab", lab, "open the course in JupyterLab (widget state saved with the notebooks)"),
         ("notebooks", notebook_tools, "check notebooks; --execute re-runs them in place"),
         ("exercises", exercises, "generate exercises/ from solutions/ (build [--check])"),
         ("grade", grading, "grade student notebooks in sandboxed processes"),

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from jlab import CHROMIUM_ARGS, TIMES, LabServer, Notebook, chromium_path, need
 
+from lumorik_sft.course import lab as course_lab
+
 ROOT = Path(__file__).resolve().parents[2]
 COPIED = ("notebooks", "exercises", "solutions")
 
@@ -44,6 +46,7 @@ def lab(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab
             "MPLBACKEND": "module://matplotlib_inline.backend_inline",
         },
     )
+    course_lab.install_settings()  # what `lumorik-sft lab` does: widget state saved in notebooks
     server.start()
     yield server
     server.shutdown_kernels()

@@ -142,11 +142,15 @@ def test_09_chat_widget_answers_as_the_scripted_chat(ran):
 
 
 def test_06_saved_and_reopened_shows_latest_results_not_widget_errors(ran):
+    """The next day: saved, closed, its kernel gone, reopened; the widgets and results are there."""
     nb = ran(LAB06)
     w = Widget(nb, nb.cell("def noise_lab"))
     latest = w.latest()
-    nb.save()
+    saved = json.loads(nb.save().read_text())
+    # the course's JupyterLab settings (lumorik-sft lab) save the widgets' state in the notebook
+    assert "application/vnd.jupyter.widget-state+json" in saved["metadata"].get("widgets", {})
     nb.close()
+    nb.server.shutdown_kernels(LAB06)
     nb.open()
     assert not nb.page.get_by_text(WIDGET_ERROR).count(), "a widget output did not survive the reopen"
     reopened = Widget(nb, nb.cell("def noise_lab")).latest()
