@@ -14,6 +14,7 @@ pytestmark = pytest.mark.browser
 LAB06 = "notebooks/06_pitfalls_lab.ipynb"
 LAB07 = "notebooks/07_applications.ipynb"
 LAB09 = "notebooks/09_chat_sft.ipynb"
+LAB04 = "notebooks/04_evaluation.ipynb"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -136,6 +137,35 @@ def test_09_chat_widget_answers_as_the_scripted_chat(ran):
     assert out.inner_text().strip().splitlines()[:2] == [f"you> {first}", expected]
     nb.shot("chat", target=cell)
     nb.assert_no_errors()
+
+
+def test_04_review_widget_saves_the_clicked_verdicts_and_rubric(ran):
+    """Blind pairwise rating: the verdict and the ticked boxes a student clicks are what gets saved."""
+    nb = ran(LAB04)
+    try:
+        cell = nb.cell("review.start_review(")
+        ratings = nb.server.root / "runs" / "ratings" / "04_evaluation.jsonl"
+        before = ratings.read_text().splitlines() if ratings.exists() else []
+        clicks = [
+            ("Output 2 is better", "B", [0, 1]),
+            ("Tie", "tie", []),
+        ]  # (button, verdict, boxes of output 1)
+        for button, verdict, boxes in clicks:
+            shown = re.search(r"Prompt \((\S+)\)", cell.inner_text()).group(1)
+            for i in boxes:
+                cell.locator(".widget-checkbox input").nth(i).check()
+            cell.locator("button.jupyter-button", has_text=button).click()
+            cell.get_by_text(re.compile(r"Prompt \((?!" + re.escape(shown) + r"\))")).wait_for(timeout=30_000)
+            saved = json.loads(ratings.read_text().splitlines()[-1])
+            assert (saved["item_id"], saved["verdict"], saved["rater"]) == (shown, verdict, "you")
+            passed = [c for c, ok in saved["rubric_a"].items() if ok]
+            assert passed == ["correct_facts", "follows_instruction"][: len(boxes)]
+            assert not any(saved["rubric_b"].values())
+        assert len(ratings.read_text().splitlines()) == len(before) + 2
+        nb.shot("rated", target=cell)
+        nb.assert_no_errors()
+    finally:
+        ran.release(LAB04)
 
 
 # --------------------------------------------------------------------------- save and reopen
