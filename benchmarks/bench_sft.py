@@ -53,6 +53,8 @@ CONTESTANTS = {
     "ours_padded": "ours, dynamic padding",
     "ours_packed": "ours, packed (padding-free rows, attention per example)",
     "ours_length": "ours, length-grouped batches",
+    "ours_padded_compiled": "ours, dynamic padding, compiled (torch.compile, compile time included)",
+    "ours_packed_compiled": "ours, packed, compiled (torch.compile, compile time included)",
     "trl_default": "TRL SFTTrainer, defaults",
     "trl_packing": "TRL SFTTrainer, packing=True (bfd, padding-free)",
     "hf_trainer": "HF Trainer + our collator",
@@ -284,7 +286,7 @@ def run_contestant(name: str, spec: dict) -> dict[str, Any]:
             losses = training.chapter_loop(model, Probed(), epochs=1, lr=spec["lr"], device="cpu")
         marks["seconds"], marks["steps"] = probe.seconds(), len(losses)
     elif name.startswith("ours"):
-        packing = {"ours_padded": "none", "ours_packed": "bfd", "ours_length": "length"}[name]
+        packing = {"padded": "none", "packed": "bfd", "length": "length"}[name.split("_")[1]]
         config = training.TrainConfig(
             learning_rate=spec["lr"],
             batch_size=spec["batch_size"],
@@ -296,6 +298,9 @@ def run_contestant(name: str, spec: dict) -> dict[str, Any]:
             log_every=0,
             progress=False,
             pad_to_multiple_of=spec["pad_multiple"] or None,
+            # 'on' for the compiled contestants from their first step; never 'auto' here, so
+            # that each contestant is one known code path
+            compile="on" if name.endswith("_compiled") else "off",
         )
 
         def cb(event):
@@ -304,8 +309,10 @@ def run_contestant(name: str, spec: dict) -> dict[str, Any]:
                 marks["steps"] = event["step"]
 
         probe.start()
-        training.train(model, tok, train_ex, None, config, callback=cb)
+        result = training.train(model, tok, train_ex, None, config, callback=cb)
         marks["seconds"] = probe.seconds()
+        if result.compile.get("compiled"):  # within "seconds": the first compiled step's extra time
+            marks["compile_seconds"] = result.compile["seconds"]
     elif name.startswith("trl"):
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
@@ -526,7 +533,10 @@ def summarise(results: list[dict], work: dict, peaks: dict, precision: str) -> d
         r["peak_fraction_now"] = r["useful_flop_s"] / r["peak_now"]
         reached = [t for _, t, loss in r["curve"] if loss <= target]
         r["time_to_target"] = reached[0] if reached else None
-    executed = work["executed"]
+    executed = dict(work["executed"])
+    for name in ("ours_packed", "ours_padded"):  # compiling changes the speed, not the work
+        if name in executed:
+            executed[f"{name}_compiled"] = executed[name]
     for name in executed.keys() & ok.keys():  # FLOP/s the hardware ran, padding and recomputation included
         ok[name]["executed_flop_s"] = executed[name] / ok[name]["seconds"]
         ok[name]["executed_fraction"] = ok[name]["executed_flop_s"] / ok[name]["peak_now"]
@@ -545,6 +555,11 @@ def summarise(results: list[dict], work: dict, peaks: dict, precision: str) -> d
             "packed_vs_padded": ratio("ours_packed", "ours_padded"),
             "length_vs_trl_default": ratio("ours_length", "trl_default"),
             "length_vs_padded": ratio("ours_length", "ours_padded"),
+            "packed_compiled_vs_trl_default": ratio("ours_packed_compiled", "trl_default"),
+            "packed_compiled_vs_hf_trainer": ratio("ours_packed_compiled", "hf_trainer"),
+            "packed_compiled_vs_packed": ratio("ours_packed_compiled", "ours_packed"),
+            "padded_compiled_vs_padded": ratio("ours_padded_compiled", "ours_padded"),
+            "packed_vs_hf_trainer": ratio("ours_packed", "hf_trainer"),
             "rss_packed_vs_trl_default": (
                 ok["ours_packed"]["peak_rss_mb"] / ok["trl_default"]["peak_rss_mb"]
                 if "ours_packed" in ok and ref
@@ -604,6 +619,11 @@ def _x(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
 
 
+def _compile_note(r: dict) -> str:
+    """' (12.3)': the compile time inside a compiled contestant's training seconds."""
+    return f" ({r['compile_seconds']:.1f})" if r.get("compile_seconds") is not None else ""
+
+
 def _dot(speed: dict[str, float | None], key: str) -> str:
     """' · 1.23x': a ratio over all seeds after the main seed's, where there is one."""
     return f" · {_x(speed[key])}" if speed.get(key) is not None else ""
@@ -652,8 +672,9 @@ def write_report(out: Path, payload: dict) -> str:
         "- Validation loss: `lumorik_sft.metrics.evaluate_loss` with `fused_loss.completion_nll`, fp32, "
         "same padded batches and same code for all (fused head + loss and fused GELU included).",
         "",
-        "| contestant | steps | train s | completion tok/s | all tok/s | useful GFLOP/s | % of peak "
-        "| peak before its run, GFLOP/s | % of it | peak RSS MB | time to target s | final val loss |",
+        "| contestant | steps | train s (compile s) | completion tok/s | all tok/s | useful GFLOP/s "
+        "| % of peak | peak before its run, GFLOP/s | % of it | peak RSS MB | time to target s "
+        "| final val loss |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in payload["results"]:
@@ -662,7 +683,8 @@ def write_report(out: Path, payload: dict) -> str:
             lines.append(f"| {label} | failed: {' '.join(r['error'])} |||||||||||")
             continue
         lines.append(
-            f"| {label} | {r['steps']} | {r['seconds']:.1f} | {r['completion_tok_s']:,.0f} | "
+            f"| {label} | {r['steps']} | {r['seconds']:.1f}{_compile_note(r)} | "
+            f"{r['completion_tok_s']:,.0f} | "
             f"{r['all_tok_s']:,.0f} | {r['useful_flop_s'] / 1e9:.1f} | {100 * r['peak_fraction']:.1f}% | "
             f"{r['peak_now'] / 1e9:.0f} | {100 * r['peak_fraction_now']:.1f}% | "
             f"{r['peak_rss_mb']:.0f} | {_f(r['time_to_target'], '.1f')} | {r['final_val_loss']:.4f} |"
@@ -698,6 +720,11 @@ def write_report(out: Path, payload: dict) -> str:
         )
         + " (target within 2%).",
         f"- Peak RSS, packed / TRL default: {_f(rt['rss_packed_vs_trl_default'], '.2f')} (target <= 0.6).",
+        f"- Packed and compiled vs TRL default: {_x(rt.get('packed_compiled_vs_trl_default'))} "
+        f"(target >= 3.5x); vs the HF Trainer: {_x(rt.get('packed_compiled_vs_hf_trainer'))} (target >= 2x; "
+        f"packed eager: {_x(rt.get('packed_vs_hf_trainer'))}). Compiled vs eager: packed "
+        f"{_x(rt.get('packed_compiled_vs_packed'))}, padded {_x(rt.get('padded_compiled_vs_padded'))}, "
+        'compile time included (the column "train s" holds it in brackets).',
     ]
     ce = s["ceilings"]
     ran = {r["name"]: r for r in payload["results"] if "executed_flop_s" in r}

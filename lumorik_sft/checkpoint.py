@@ -100,6 +100,7 @@ class TrainResult:
     config: dict[str, Any] = field(default_factory=dict)
     checkpoint_path: str | None = None
     final_dir: str | None = None
+    compile: dict[str, Any] = field(default_factory=dict)  # compiled.CompileDecision: what, when, cost
 
     @property
     def losses(self) -> list[float]:

@@ -28,7 +28,7 @@ class TrainConfig:
     Optimisation: learning_rate, batch_size, grad_accum_steps, epochs, warmup_ratio,
     warmup_steps, weight_decay, max_grad_norm, max_steps.
     Reproducibility: seed, shuffle. Hardware: device, precision, eval_batch_size, packing,
-    pack_length, pad_to_multiple_of.
+    pack_length, pad_to_multiple_of, compile.
     Output: output_dir, log_every, progress.
     """
 
@@ -130,6 +130,14 @@ class TrainConfig:
             "reference, metrics.completion_nll. Both give the same loss and gradients."
         },
     )
+    compile: str = field(
+        default="auto",
+        metadata={
+            "help": "torch.compile the model's blocks (lumorik_sft.compiled): 'on', 'off', or 'auto': "
+            "only when the run is long enough for the compile time to pay back (timed on the first "
+            "steps). Same loss and gradients; TrainResult.compile says what was done."
+        },
+    )
     fused_activations: bool = field(
         default=True,
         metadata={
@@ -178,6 +186,7 @@ class TrainConfig:
         """Yield a fix-it message for each invalid setting (the first one is raised)."""
         import torch  # here, not at the top: reading the fields (a CLI's --help) needs no torch
 
+        from lumorik_sft.compiled import COMPILE_MODES
         from lumorik_sft.defaults import PRECISIONS
         from lumorik_sft.packing import PACKING_MODES
 
@@ -211,6 +220,8 @@ class TrainConfig:
                 f"max_grad_norm must be >= 0 or None, got {self.max_grad_norm!r}; "
                 "use None or 0 to disable clipping"
             )
+        if self.compile not in COMPILE_MODES:
+            yield f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}"
         if self.packing not in PACKING_MODES:
             yield (
                 f"packing must be one of {', '.join(PACKING_MODES)}, got {self.packing!r}; "

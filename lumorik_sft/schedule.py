@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from lumorik_sft.config import TrainConfig
 from lumorik_sft.distributed import DataParallel
 from lumorik_sft.encoding import SFTCollator
+from lumorik_sft.models import context_length
 from lumorik_sft.packing import PackedCollator, plan_micro_batches
 
 Batch = dict[str, torch.Tensor]
@@ -109,3 +110,26 @@ def plan_steps(n_examples: int, config: TrainConfig, world_size: int = 1) -> tup
     if config.warmup_steps is not None:
         return per_epoch, total, min(config.warmup_steps, total)
     return per_epoch, total, math.ceil(config.warmup_ratio * total)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_examples(model: torch.nn.Module, train_examples: Examples, val_examples: Examples | None) -> None:
+    """Fail before training, not with an index error in the position embedding mid-run."""
+    if not train_examples:
+        raise ValueError(
+            "train_examples is empty; encode some records with lumorik_sft.encoding.encode_records first"
+        )
+    missing = {"input_ids", "attention_mask", "labels"} - set(train_examples[0])
+    if missing:
+        raise ValueError(f"examples lack {sorted(missing)}; build them with encode_records")
+    limit = context_length(model)
+    for what, examples in (("training", train_examples), ("validation", val_examples or [])):
+        longest = max((len(ex["input_ids"]) for ex in examples), default=0)
+        if limit is not None and longest > limit:
+            raise ValueError(
+                f"the longest {what} example has {longest} tokens but the model's "
+                f"context is {limit}; encode with max_length={limit} or less "
+                "(encoding.fit_max_length(model))"
+            )

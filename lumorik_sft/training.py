@@ -45,6 +45,7 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 
 from lumorik_sft import checkpoint, lora
 from lumorik_sft.checkpoint import CHECKPOINT_NAME, TrainResult, load_checkpoint  # re-exported
+from lumorik_sft.compiled import StepCompiler
 from lumorik_sft.config import TrainConfig
 from lumorik_sft.defaults import autocast_context as _autocast
 from lumorik_sft.defaults import autocast_dtype, recommended_learning_rate, resolve_precision
@@ -53,7 +54,6 @@ from lumorik_sft.encoding import IGNORE_INDEX, SFTCollator
 from lumorik_sft.fused_loss import completion_nll as fused_completion_nll
 from lumorik_sft.metrics import LossFn, completion_nll, evaluate_loss
 from lumorik_sft.models import (
-    context_length,
     fused_activations,
     prepare_tokenizer,
     resolve_device,
@@ -61,7 +61,7 @@ from lumorik_sft.models import (
 )
 from lumorik_sft.packing import count_input_tokens, make_collator
 from lumorik_sft.progress import progress_quiet
-from lumorik_sft.schedule import Batch, Examples, _epoch_steps, build_optimizer, plan_steps
+from lumorik_sft.schedule import Batch, Examples, _epoch_steps, build_optimizer, check_examples, plan_steps
 
 Callback = Callable[[dict[str, Any]], Any]
 
@@ -220,6 +220,7 @@ class _Run:
     total_steps: int
     result: TrainResult
     callback: Callback | None
+    compiler: StepCompiler  # TrainConfig.compile: eager, compiled, or compiled once it pays
     progress: checkpoint.Progress = field(default_factory=checkpoint.Progress)
     started: float = field(default_factory=time.perf_counter)
 
@@ -274,6 +275,7 @@ def _run_epoch(run: _Run, stop: StopSignals, bar: Any) -> bool:
         if prog.global_step >= run.total_steps:
             return True
         batches = [{k: v.to(run.device, non_blocking=True) for k, v in b.items()} for b in group]
+        step_started = time.perf_counter()
         step = train_step(
             run.model,
             batches,
@@ -284,6 +286,7 @@ def _run_epoch(run: _Run, stop: StopSignals, bar: Any) -> bool:
             autocast_dtype=dtype,
         )
         prog.epoch_seconds += time.perf_counter() - tick
+        run.compiler.after_step(prog.global_step + 1, time.perf_counter() - step_started)
         prog.batches_done += len(group)
         prog.epoch_input_tokens += step.input_tokens
         if step.n_tokens == 0:
@@ -412,26 +415,6 @@ def _finalize(run: _Run, tokenizer: PreTrainedTokenizerBase) -> None:
 # --------------------------------------------------------------------------- train
 
 
-def _check_examples(model: torch.nn.Module, train_examples: Examples, val_examples: Examples | None) -> None:
-    """Fail before training, not with an index error in the position embedding mid-run."""
-    if not train_examples:
-        raise ValueError(
-            "train_examples is empty; encode some records with lumorik_sft.encoding.encode_records first"
-        )
-    missing = {"input_ids", "attention_mask", "labels"} - set(train_examples[0])
-    if missing:
-        raise ValueError(f"examples lack {sorted(missing)}; build them with encode_records")
-    limit = context_length(model)
-    for what, examples in (("training", train_examples), ("validation", val_examples or [])):
-        longest = max((len(ex["input_ids"]) for ex in examples), default=0)
-        if limit is not None and longest > limit:
-            raise ValueError(
-                f"the longest {what} example has {longest} tokens but the model's "
-                f"context is {limit}; encode with max_length={limit} or less "
-                "(encoding.fit_max_length(model))"
-            )
-
-
 def _setup(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -440,7 +423,7 @@ def _setup(
     config: TrainConfig,
     callback: Callback | None,
 ) -> _Run:
-    _check_examples(model, train_examples, val_examples)
+    check_examples(model, train_examples, val_examples)
     if config.learning_rate is None:  # one rule for every caller: the model's recommended rate
         lr = recommended_learning_rate(getattr(model, "name_or_path", None), model)
         config = dataclasses.replace(config, learning_rate=lr)
@@ -481,6 +464,7 @@ def _setup(
             device=str(device), precision=resolve_precision(config.precision, device), config=config.to_dict()
         ),
         callback=callback,
+        compiler=StepCompiler(model, config.compile, device, total),
     )
 
 
@@ -520,7 +504,11 @@ def train(
             parallel=run.parallel,
         )
     model.train()
-    with StopSignals(run.parallel) as stop, fused_activations(model, config.fused_activations):
+    with (
+        StopSignals(run.parallel) as stop,
+        fused_activations(model, config.fused_activations),
+        run.compiler,
+    ):
         if not run.result.epochs and not run.progress.finished:
             _finish_epoch(run, 0)  # epoch 0: the base model, so curves start before training
         _train_loop(run, stop)
@@ -528,6 +516,7 @@ def train(
             _interrupt(run, stop)
     run.result.global_step = run.progress.global_step
     run.result.skipped_steps = run.progress.skipped_steps
+    run.result.compile = run.compiler.decision.to_dict()
     if not run.result.interrupted:
         _finalize(run, tokenizer)
     model.eval()

@@ -1,0 +1,192 @@
+"""A compiled training step (speed work): `torch.compile` on the model's repeated blocks.
+
+Nothing here changes what a step computes; `tests/test_compiled.py` proves the compiled step
+equal to the eager one (loss and gradients) for GPT-2 and Llama, padded and packed. Read
+`training.train_step` for the step itself.
+
+What compiling buys: PyTorch's compiler (inductor) fuses the element-wise work between the
+matmuls (layer norm, GELU, residual adds, the attention's reshapes) into generated C++ (CPU) or
+Triton (CUDA) kernels. The matmuls themselves were already near the hardware's peak, so the
+gain is the share of a step spent between them. Compiling costs seconds up front, before the
+first compiled step returns.
+
+How: *regional* compilation. Each decoder block (`repeated_blocks`) but the last is compiled
+in place with ``nn.Module.compile``: the blocks share one class and so one compiled graph, so
+compile time does not grow with depth, and the model's state dict keeps its names (checkpoints
+load anywhere). Varying batch widths do not recompile every step: after the first change of
+shape the compiler marks that dimension dynamic (automatic dynamic shapes), so a run compiles
+a static graph once and a dynamic one once; packed rows (one row of varying length) work the
+same way. The packed attention's per-example kernels stay outside the graph (a graph break),
+so packed and padded batches both compile (`compiled_blocks` says what else stays eager).
+
+When: ``TrainConfig(compile='on')`` compiles from the first step, ``'off'`` never, and
+``'auto'`` (the default) only where it pays for the run at hand, compile time included: it
+times the first eager steps, estimates what compiling would save over the remaining steps
+(`expected_gain`) and compares that with what compiling costs (`expected_compile_seconds`).
+Measured on the embedded model (2-core CPU, batches of 16 at 224-256 tokens): compiling saved
+5-12% of a step and cost 16 s (bf16) to 32 s (fp32), so on a CPU it pays after several hundred
+steps only, and short runs (the demo, the notebooks) stay eager.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+COMPILE_MODES = ("auto", "on", "off")
+TIMED_STEPS = 3
+"""Eager steps 'auto' times before it decides (the first one, with its warm-up, is not counted)."""
+
+# Measured on the embedded model (benchmarks/bench_sft.py, 2-core AMD EPYC CPU): compiled steps
+# took 0.88-0.95x the eager time. No GPU was measured; the CUDA figures are the usual order of
+# magnitude for a small transformer and are used only by compile='auto'.
+_EXPECTED_GAIN = {"cpu": 0.08, "cuda": 0.25}
+_EXPECTED_COMPILE_SECONDS = {"cpu": 30.0, "cuda": 60.0}
+
+
+def expected_gain(device: torch.device) -> float:
+    """Fraction of an eager step's time compiling is expected to save on this kind of device."""
+    return _EXPECTED_GAIN.get(device.type, 0.0)
+
+
+def expected_compile_seconds(device: torch.device) -> float:
+    """Seconds compiling is expected to cost before the first compiled step returns."""
+    return _EXPECTED_COMPILE_SECONDS.get(device.type, float("inf"))
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder blocks: the longest ModuleList whose children share one class.
+
+    GPT-2 keeps them in ``transformer.h``, Llama and Qwen2 in ``model.layers``; LoRA wrappers
+    and data-parallel wrappers only add levels above.
+    """
+    best: list[torch.nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best):
+            children = list(module)
+            if children and len({type(c) for c in children}) == 1:
+                best = children
+    if not best:
+        raise ValueError(f"{type(model).__name__} has no list of repeated blocks to compile")
+    return best
+
+
+@contextmanager
+def compiled_blocks(model: torch.nn.Module, dynamic: bool | None = None) -> Iterator[list[torch.nn.Module]]:
+    """Compile the repeated blocks in place for the duration of the context, then undo it.
+
+    Two things stay eager, so that no batch recompiles a graph: the last block, whose MLP the
+    fused loss swaps for one that runs on the kept positions only (a new module every batch,
+    `fused_loss._last_mlp_on_kept_rows`), and the packed attention (`attention.varlen_sdpa_attention`),
+    whose loop over examples depends on each batch's boundaries. Yields the compiled blocks.
+    """
+    blocks = repeated_blocks(model)
+    compiled = blocks[:-1] if len(blocks) > 1 else blocks
+    for block in compiled:
+        block.compile(dynamic=dynamic)
+    try:
+        with _packed_attention_outside_the_graph():
+            yield compiled
+    finally:
+        for block in compiled:
+            block._compiled_call_impl = None  # what nn.Module.compile set: back to eager
+
+
+@contextmanager
+def _packed_attention_outside_the_graph() -> Iterator[None]:
+    """Register the packed attention as a function the compiler calls but does not trace."""
+    from transformers import AttentionInterface
+
+    from lumorik_sft.attention import VARLEN_ATTENTION, varlen_sdpa_attention
+
+    mapping = AttentionInterface._global_mapping
+    previous = mapping.get(VARLEN_ATTENTION)
+    mapping[VARLEN_ATTENTION] = torch.compiler.disable(varlen_sdpa_attention)
+    try:
+        yield
+    finally:
+        if previous is None:
+            mapping.pop(VARLEN_ATTENTION, None)
+        else:
+            mapping[VARLEN_ATTENTION] = previous
+
+
+@dataclass
+class CompileDecision:
+    """What `TrainConfig.compile` did in a run: saved in `TrainResult.compile`.
+
+    ``compiled``: whether steps ran compiled; ``at_step``: the first compiled step;
+    ``seconds``: the compile time, measured as the first compiled step's time minus an eager
+    step's; ``reason``: why, in words.
+    """
+
+    mode: str = "off"
+    compiled: bool = False
+    at_step: int | None = None
+    seconds: float | None = None
+    reason: str = ""
+    _eager_steps: list[float] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+class StepCompiler:
+    """Turns compilation on for `train` (at once, never, or once it pays) and undoes it at the end."""
+
+    def __init__(self, model: torch.nn.Module, mode: str, device: torch.device, total_steps: int) -> None:
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+        self.model, self.device, self.total_steps = model, device, total_steps
+        self.decision = CompileDecision(mode=mode)
+        self._context: Any = None
+        self._first_compiled_step = False
+        if mode == "off":
+            self.decision.reason = "compile='off'"
+
+    def __enter__(self) -> StepCompiler:
+        if self.decision.mode == "on":
+            self._compile(step=1, reason="compile='on'")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+            self._context = None
+
+    def after_step(self, step: int, seconds: float) -> None:
+        """Record the step's wall time; under 'auto', decide once enough eager steps are timed."""
+        d = self.decision
+        if self._first_compiled_step:
+            self._first_compiled_step = False
+            eager = min(d._eager_steps) if d._eager_steps else 0.0
+            d.seconds = max(0.0, seconds - eager)
+            return
+        if d.compiled or d.mode != "auto" or d.reason:
+            return
+        if step > 1:  # the first step warms caches and allocators up: not representative
+            d._eager_steps.append(seconds)
+        if len(d._eager_steps) < TIMED_STEPS - 1 and step < self.total_steps:
+            return
+        remaining = self.total_steps - step
+        step_seconds = min(d._eager_steps) if d._eager_steps else seconds
+        saving = remaining * step_seconds * expected_gain(self.device)
+        cost = expected_compile_seconds(self.device)
+        words = (
+            f"{remaining} steps left at {step_seconds:.3f} s: compiling would save about {saving:.0f} s "
+            f"for about {cost:.0f} s of compiling on {self.device.type}"
+        )
+        if saving > cost:
+            self._compile(step + 1, reason=f"compile='auto': {words}")
+        else:
+            d.reason = f"compile='auto' stayed eager: {words}"
+
+    def _compile(self, step: int, reason: str) -> None:
+        self._context = compiled_blocks(self.model)
+        self._context.__enter__()
+        self.decision.compiled, self.decision.at_step, self.decision.reason = True, step, reason
+        self._first_compiled_step = True
