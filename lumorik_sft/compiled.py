@@ -11,26 +11,26 @@ gain is the share of a step spent between them. Compiling costs seconds up front
 first compiled step returns.
 
 How: *regional* compilation. Each decoder block (`repeated_blocks`) but the last is compiled
-in place with ``nn.Module.compile``: the blocks share one class and so one compiled graph, so
-compile time does not grow with depth, and the model's state dict keeps its names (checkpoints
-load anywhere). Varying batch widths do not recompile every step: after the first change of
-shape the compiler marks that dimension dynamic (automatic dynamic shapes), so a run compiles
-a static graph once and a dynamic one once; packed rows (one row of varying length) work the
-same way. The packed attention's per-example kernels stay outside the graph (a graph break),
-so packed and padded batches both compile (`compiled_blocks` says what else stays eager).
+in place, as ``nn.Module.compile`` would: the blocks share one class and so one compiled
+graph, so compile time does not grow with depth, and the model's state dict keeps its names
+(checkpoints load anywhere). Varying batch widths do not recompile: the blocks are compiled
+for dynamic shapes from the start (one graph for every batch width and row length), and for
+training steps only; forward passes without gradients (validation, generation) run eager. The
+packed attention's per-example kernels stay outside the graph (a graph break), so packed and
+padded batches both compile (`compiled_blocks` says what else stays eager).
 
 When: ``TrainConfig(compile='on')`` compiles from the first step, ``'off'`` never, and
 ``'auto'`` (the default) only where it pays for the run at hand, compile time included: it
 times the first eager steps, estimates what compiling would save over the remaining steps
 (`expected_gain`) and compares that with what compiling costs (`expected_compile_seconds`).
-Measured on the embedded model (2-core CPU, batches of 16 at 224-256 tokens): compiling saved
-5-12% of a step and cost 16 s (bf16) to 32 s (fp32), so on a CPU it pays after several hundred
-steps only, and short runs (the demo, the notebooks) stay eager.
+Measured on the embedded model (2-core CPU): compiling saved 4-7% of a step and cost about
+35 s, so on a CPU it pays after ten minutes or so of eager training only, and short runs (the
+demo, the notebooks) stay eager.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,11 +41,14 @@ COMPILE_MODES = ("auto", "on", "off")
 TIMED_STEPS = 3
 """Eager steps 'auto' times before it decides (the first one, with its warm-up, is not counted)."""
 
-# Measured on the embedded model (benchmarks/bench_sft.py, 2-core AMD EPYC CPU): compiled steps
-# took 0.88-0.95x the eager time. No GPU was measured; the CUDA figures are the usual order of
-# magnitude for a small transformer and are used only by compile='auto'.
-_EXPECTED_GAIN = {"cpu": 0.08, "cuda": 0.25}
-_EXPECTED_COMPILE_SECONDS = {"cpu": 30.0, "cuda": 60.0}
+# Measured on the embedded model, fp32 and bf16 autocast, batches of 8 product descriptions, with
+# eager and compiled steps interleaved on the same batches (so that the machine's drift cancels;
+# benchmarks/bench_sft.py has whole runs): a compiled step took 0.93x (fp32) and 0.96x (bf16)
+# of an eager one, and the first compiled step 33-37 s longer (a cold cache; inductor's disk
+# cache shortens later runs). No GPU was measured; the CUDA figures are the usual order of
+# magnitude for a small transformer.
+_EXPECTED_GAIN = {"cpu": 0.06, "cuda": 0.25}
+_EXPECTED_COMPILE_SECONDS = {"cpu": 35.0, "cuda": 60.0}
 
 
 def expected_gain(device: torch.device) -> float:
@@ -76,7 +79,7 @@ def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @contextmanager
-def compiled_blocks(model: torch.nn.Module, dynamic: bool | None = None) -> Iterator[list[torch.nn.Module]]:
+def compiled_blocks(model: torch.nn.Module, dynamic: bool = True) -> Iterator[list[torch.nn.Module]]:
     """Compile the repeated blocks in place for the duration of the context, then undo it.
 
     Two things stay eager, so that no batch recompiles a graph: the last block, whose MLP the
@@ -87,13 +90,29 @@ def compiled_blocks(model: torch.nn.Module, dynamic: bool | None = None) -> Iter
     blocks = repeated_blocks(model)
     compiled = blocks[:-1] if len(blocks) > 1 else blocks
     for block in compiled:
-        block.compile(dynamic=dynamic)
+        block._compiled_call_impl = _compiled_when_training(block, dynamic)
     try:
         with _packed_attention_outside_the_graph():
             yield compiled
     finally:
         for block in compiled:
             block._compiled_call_impl = None  # what nn.Module.compile set: back to eager
+
+
+def _compiled_when_training(block: torch.nn.Module, dynamic: bool) -> Callable[..., Any]:
+    """What ``nn.Module.compile`` installs, compiled for training steps only.
+
+    Forward passes without gradients (validation, generation, the fused loss's one-off probe)
+    run eager: compiling them too would cost a second graph for a few calls.
+    """
+    compiled_call = torch.compile(block._call_impl, dynamic=dynamic)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            return compiled_call(*args, **kwargs)
+        return block._call_impl(*args, **kwargs)
+
+    return call
 
 
 @contextmanager
