@@ -22,6 +22,11 @@ complete, so on Linux the child gets a whitelist instead (``unshare`` and ``chro
 * the whole namespace dies with the grader's thread that started it, even on SIGKILL
   (``setpriv --pdeathsig`` and ``unshare --kill-child``).
 
+Where the grader is root, :mod:`lumorik_sft.course.grading.template` builds the same sandbox
+without the commands: a fork of a process that already imported torch makes the same namespaces
+(``unshare(2)``), runs :meth:`Sandbox.setup_script`, ``chroot`` into it and takes the same user id, so a
+student costs no interpreter start.
+
 Which kind works depends on the machine (containers may forbid namespaces), so :func:`detect`
 probes them once, strongest first; ``"none"`` falls back to a plain child process, with a warning
 that the solutions may be readable.
@@ -134,10 +139,11 @@ class Sandbox:
             return -(code - 128)
         return code
 
-    def _script(self, argv: Sequence[str], scratch: Path, uid: int) -> str:
+    def setup_script(self, scratch: Path, uid: int = NOBODY) -> str:
+        """The shell lines that build the child's root in `scratch` (run as root in its new namespaces)."""
         q = shlex.quote
         root = q(str(scratch))
-        mount, chroot = _tool("mount"), _tool("chroot")
+        mount = _tool("mount")
         lines = ["set -e", f"{mount} -t tmpfs -o size={_TMPFS_MB}m,mode=0755 lumorik-root {root}"]
         for path in visible_paths():
             target = q(str(scratch) + str(path))
@@ -160,6 +166,13 @@ class Sandbox:
         lines.append(f"chmod 1777 {root}/tmp {root}/dev/shm")
         if self.kind == "nobody":
             lines.append(f"chown -R {uid}:{uid} {q(str(scratch) + str(HOME))}")
+        return "\n".join(lines)
+
+    def _script(self, argv: Sequence[str], scratch: Path, uid: int) -> str:
+        q = shlex.quote
+        chroot = _tool("chroot")
+        lines = [self.setup_script(scratch, uid)]
+        if self.kind == "nobody":
             drop = [_tool("setpriv"), f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
         else:
             drop = [_tool("setpriv"), "--inh-caps=-all", "--bounding-set=-all"]

@@ -19,7 +19,11 @@ The modules, on the two sides of a trust boundary:
   following links, cell magics) and :mod:`~lumorik_sft.course.grading.report` (escaped feedback,
   unique file names, a formula-free CSV, the skip report), the supervisor's input and output;
 * :mod:`~lumorik_sft.course.grading.child`, the only code that runs beside a student's code (its
-  docstring says what it trusts and what it sends back); it imports neither of the others;
+  docstring says what it trusts and what it sends back); it imports neither of the others. Where
+  the grader is root it also runs the *template* (:mod:`~lumorik_sft.course.grading.template`): one
+  process per run that imports torch and the package once and forks each student's sandbox, which
+  builds itself (the same namespaces, root, user id and cgroup as the ``unshare`` command) before
+  becoming that student's zygote, so a student costs no interpreter start;
 * :mod:`~lumorik_sft.course.grading.cli`, the command line.
 
 This package imports them only when one of its names is used, so that the child's process loads
@@ -64,7 +68,8 @@ is tested in ``tests/test_grading_attacks.py`` and ``tests/test_grading.py``):
    (:mod:`lumorik_sft.course.sandbox`); the solutions, the checkout, other students and the
    gradebook are not in the child's filesystem.
 7. **State does not cross jobs.** Each job's process is forked from a zygote that never ran
-   student code, after the previous job's processes are killed and its files removed: environment
+   student code (itself started fresh, or forked from the template, which never runs student code
+   either), after the previous job's processes are killed and its files removed: environment
    variables, the working directory, hooks and patches of one notebook cannot reach the next.
 8. **Stopping is clean.** SIGINT/SIGTERM kills every sandbox (and a killed grader takes them along,
    ``--pdeathsig``), deletes the scratch folder and writes the gradebook of the students finished

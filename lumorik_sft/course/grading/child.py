@@ -154,8 +154,8 @@ def _wait(pid: int) -> int:
         return -1
 
 
-def _zygote_main(spec: dict[str, Any]) -> None:  # pragma: no cover - runs in the child process
-    """Import once, then fork one exercise child per job, each after the previous one ended."""
+def _preload() -> None:  # pragma: no cover - runs in the child process
+    """Import what the exercises need, once, before any student code runs."""
     import io
 
     import torch
@@ -172,6 +172,13 @@ def _zygote_main(spec: dict[str, Any]) -> None:  # pragma: no cover - runs in th
     import gc
 
     gc.freeze()  # what is imported stays put: the forks copy fewer pages (copy-on-write)
+
+
+def _zygote_main(spec: dict[str, Any], *, preloaded: bool = False) -> None:  # pragma: no cover
+    """Import once (unless the template did), then fork one exercise child per job, one after another."""
+    if not preloaded:
+        _preload()
+    _non_dumpable()  # again: a change of user id resets it
     jobs, status_fd = [tuple(pair) for pair in spec["jobs"]], spec["status"]
     for k, (request_fd, result_fd) in enumerate(jobs):
         _clean_slate(spec)
@@ -187,6 +194,161 @@ def _zygote_main(spec: dict[str, Any]) -> None:  # pragma: no cover - runs in th
     if spec["isolated"]:
         _kill_leftovers()
     os._exit(0)
+
+
+# ---- the template (a fork server) ------------------------------------------------------------------
+#
+# Importing torch and the package costs seconds per student. Where the grader is root (sandbox kind
+# ``nobody``), it starts one *template* per grading run: a process outside any sandbox that imports
+# everything once (:func:`_preload`), runs no student code, and for each student forks a process that
+# builds that student's sandbox itself, exactly as the ``unshare``/``chroot``/``setpriv`` command
+# would (new mount, PID, network, IPC and UTS namespaces, the same mount script, the same user id),
+# then becomes that student's zygote. The template holds no secret: the grader sends it only the
+# mount script, the user id, the cgroup and the student's pipes.
+
+_CLONE = {"NEWNS": 0x00020000, "NEWUTS": 0x04000000, "NEWIPC": 0x08000000, "NEWPID": 0x20000000}
+_CLONE_NEWNET = 0x40000000
+_MS_REC, _MS_PRIVATE = 0x4000, 1 << 18
+_PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 38
+MAX_FDS = 253  # descriptors in one message (SCM_MAX_FD): a student with more jobs starts as a command
+
+
+def _fail(step: str, err: BaseException | None = None) -> None:  # pragma: no cover
+    """End a sandbox that could not be built (status 125), saying why on its stderr (the grader's tail)."""
+    with contextlib.suppress(BaseException):
+        os.write(2, f"sandbox: {step} failed: {err!r}\n".encode())
+    os._exit(125)
+
+
+def _template_main(sock_fd: int) -> None:  # pragma: no cover - runs in the template process
+    """Import once; then, per request, fork a student's sandbox and send back a pidfd of it."""
+    import socket
+
+    _preload()
+    sock = socket.socket(fileno=sock_fd)
+    parent = os.getpid()
+    while True:
+        with contextlib.suppress(ChildProcessError):  # reap the sandboxes that ended
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        try:
+            message, fds, _, _ = socket.recv_fds(sock, 1 << 20, MAX_FDS)
+        except OSError:
+            os._exit(0)
+        if not message:  # the grader hung up
+            os._exit(0)
+        request = json.loads(message)
+        if len(fds) != request.get("fds"):  # cut short: refuse (the grader starts a command instead)
+            for fd in fds:
+                os.close(fd)
+            socket.send_fds(sock, [b"{}"], [])
+            continue
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            _enter_sandbox(request, fds, parent)
+        for fd in fds:
+            os.close(fd)
+        pidfd = os.pidfd_open(pid)
+        socket.send_fds(sock, [json.dumps({"pid": pid}).encode()], [pidfd])
+        os.close(pidfd)
+
+
+def _enter_sandbox(request: dict[str, Any], fds: list[int], parent: int) -> None:  # pragma: no cover
+    """In a fork of the template: the student's cgroup, namespaces, root and user id; then the zygote.
+
+    Any step that fails ends the process (status 125) before student code could run.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        os.setsid()
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # dies with the template
+        if os.getppid() != parent:
+            _fail("pdeathsig")
+        keep = set(fds)
+        for name in os.listdir("/proc/self/fd"):  # nothing of the template's but the student's pipes
+            with contextlib.suppress(OSError, ValueError):
+                if int(name) > 2 and int(name) not in keep:
+                    os.close(int(name))
+        spec = request["spec"]
+        fd = fds.__getitem__
+        spec["jobs"] = [[fd(a), fd(b)] for a, b in spec["jobs"]]
+        spec["status"] = fd(spec["status"])
+        null = os.open("/dev/null", os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(fd(request["stderr"]), 2)
+        for extra in {null, fd(request["stderr"])} - {0, 1, 2}:
+            os.close(extra)
+        for procs in request["cgroup"]:  # before anything of the student runs, as join_prefix does
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        flags = sum(_CLONE.values()) | _CLONE_NEWNET
+        if libc.unshare(flags) != 0:
+            _fail("unshare", OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno())))
+        if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+            _fail("mount --make-rprivate /", OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno())))
+    except BaseException as err:
+        _fail("entering the namespaces", err)
+    pid = os.fork()  # the first process of the new PID namespace: the zygote
+    if pid:  # like `unshare --fork --kill-child`: wait, and take the namespace along when killed
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError, ValueError):
+                if int(name) > 2:
+                    os.close(int(name))
+        # a small waiter instead of a copy of everything imported (the memory watch sums both)
+        with contextlib.suppress(BaseException):
+            os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", _WAITER, str(pid)])
+        os._exit(125)
+    _namespace_init(request, spec, libc)
+
+
+_WAITER = """
+import os, sys
+status = os.waitpid(int(sys.argv[1]), 0)[1]
+os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+"""
+
+
+def _namespace_init(request: dict[str, Any], spec: dict[str, Any], libc: Any) -> None:  # pragma: no cover
+    """PID 1 of the student's namespace: mount their root, chroot, drop privileges, become the zygote.
+
+    As the namespace's init the zygote cannot be killed from inside it; when it ends, every
+    process in the namespace ends with it.
+    """
+    import subprocess
+
+    try:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        done = subprocess.run(["/bin/sh", "-c", request["setup"]], stdin=subprocess.DEVNULL, check=False)
+        if done.returncode != 0:
+            _fail("the mount script", ChildProcessError(done.returncode))
+        os.chroot(request["root"])
+        os.chdir("/")
+    except BaseException as err:
+        _fail("chroot", err)
+    try:
+        uid = int(request["uid"])
+        if uid <= 0:
+            _fail("the user id", ValueError(uid))
+        os.chdir(spec["work"])
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        if os.getresuid() != (uid, uid, uid) or os.getresgid() != (uid, uid, uid) or os.getgroups():
+            _fail("dropping privileges")
+        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            _fail("no_new_privs")
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # a new user id cleared it
+        import resource
+
+        for name, value in spec["rlimits"].items():
+            resource.setrlimit(getattr(resource, name), (value, value))
+    except BaseException as err:
+        _fail("dropping privileges", err)
+    _zygote_main(spec, preloaded=True)
 
 
 # ---- the exercise child ----------------------------------------------------------------------------

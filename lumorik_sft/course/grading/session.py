@@ -41,6 +41,8 @@ from typing import Any
 from lumorik_sft.course import sandbox
 from lumorik_sft.course.grading import limits
 from lumorik_sft.course.grading.channel import End, Tail, new_id, receive, send
+from lumorik_sft.course.grading.child import MAX_FDS
+from lumorik_sft.course.grading.template import Forked, Template
 from lumorik_sft.course.sandbox import Sandbox
 
 __all__ = ["Budget", "Job", "JobOutcome", "Stopped", "run_jobs"]
@@ -132,7 +134,16 @@ def child_env(home: Path) -> dict[str, str]:
 class _Sandbox:
     """One running sandbox: its process, its jobs' pipes (the grader's ends) and its stderr tail."""
 
-    def __init__(self, jobs: Sequence[Job], config: Any, box: Sandbox, scratch: Path, uid: int, group: Any):
+    def __init__(
+        self,
+        jobs: Sequence[Job],
+        config: Any,
+        box: Sandbox,
+        scratch: Path,
+        uid: int,
+        group: Any,
+        template: Template | None = None,
+    ):
         self.box, self.group = box, group
         self.private = Path(tempfile.mkdtemp(dir=scratch, prefix="run-"))
         if box.isolated:
@@ -160,22 +171,24 @@ class _Sandbox:
             "work": str(home / "work"),
             "rlimits": limits.rlimits(config.limits, own_uid=own_uid),
         }
-        argv = [sys.executable, "-I", "-c", _BOOTSTRAP, json.dumps(spec)]
-        command = box.command(argv, self.private / "root", uid)
-        if group is not None:
-            command = group.join_prefix() + command
         try:
-            self.proc = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err_w,
-                cwd=cwd,
-                env=child_env(home),
-                pass_fds=[*theirs, status_w],
-                start_new_session=True,
-                close_fds=True,
-            )
+            self.proc = self._forked(template, spec, theirs, status_w, err_w, uid)
+            if self.proc is None:
+                argv = [sys.executable, "-I", "-c", _BOOTSTRAP, json.dumps(spec)]
+                command = box.command(argv, self.private / "root", uid)
+                if group is not None:
+                    command = group.join_prefix() + command
+                self.proc = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err_w,
+                    cwd=cwd,
+                    env=child_env(home),
+                    pass_fds=[*theirs, status_w],
+                    start_new_session=True,
+                    close_fds=True,
+                )
         finally:
             for fd in [*theirs, err_w, status_w]:
                 os.close(fd)
@@ -184,6 +197,37 @@ class _Sandbox:
         os.set_blocking(status_r, False)
         self.watch = limits.Watch(self.proc.pid, config.limits) if group is None else None
         self.oom_before = group.oom_kills() if group is not None else 0
+
+    def _forked(
+        self,
+        template: Template | None,
+        spec: dict[str, Any],
+        theirs: list[int],
+        status_w: int,
+        err_w: int,
+        uid: int,
+    ) -> Forked | None:
+        """The sandbox forked by the template, where there is one that works; else None (start a command)."""
+        fds = [*theirs, status_w, err_w]
+        if template is None or not self.box.isolated or len(fds) > MAX_FDS:
+            return None
+        index = {fd: i for i, fd in enumerate(fds)}
+        request = {
+            "spec": {
+                **spec,
+                "jobs": [[index[a], index[b]] for a, b in spec["jobs"]],
+                "status": index[status_w],
+            },
+            "stderr": index[err_w],
+            "setup": self.box.setup_script(self.private / "root", uid),
+            "root": str(self.private / "root"),
+            "uid": uid,
+            "cgroup": self.group.procs_files() if self.group is not None else [],
+            "fds": len(fds),
+        }
+        with contextlib.suppress(OSError):
+            return template.spawn(request, fds)
+        return None
 
     def job_status(self, k: int) -> int | None:
         """Job `k`'s wait status once the zygote reported its end (-2 when the sandbox itself ended)."""
@@ -200,9 +244,13 @@ class _Sandbox:
 
     def kill(self) -> None:
         """SIGKILL every process of the sandbox: the tree below it, its group, its cgroup."""
-        pids = limits.descendants(self.proc.pid) if not self.box.isolated else []
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        forked = isinstance(self.proc, Forked)
+        pids = limits.descendants(self.proc.pid) if forked or not self.box.isolated else []
+        if forked:  # the namespace's PID 1 (the zygote) is below it: when it dies, everything in there does
+            self.proc.kill()
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         for pid in pids:  # without a PID namespace, a child in a group of its own
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
@@ -213,6 +261,8 @@ class _Sandbox:
 
     def close(self) -> None:
         self.kill()
+        if isinstance(self.proc, Forked):
+            self.proc.close()
         for fd in [*self.requests, *self.results, self.tail.fd, self.status_fd]:
             with contextlib.suppress(OSError, TypeError):
                 os.close(fd)
@@ -270,8 +320,18 @@ def _run_one(
         if box.oom_killed():  # one of the student's processes was killed for memory: the answer is void
             raise End("memory")
     except End as end:
-        _classify(outcome, end, phase, binding, box, config, first, box.job_status(k))
+        _classify(outcome, end, phase, binding, box, config, first, _settled_status(box, k, end))
     return outcome
+
+
+def _settled_status(box: _Sandbox, k: int, end: End, wait_s: float = 1.0) -> int | None:
+    """Job `k`'s wait status; when its pipe closed, the zygote's report may be a moment behind the EOF."""
+    status = box.job_status(k)
+    deadline = time.monotonic() + wait_s
+    while status is None and end.kind == "closed" and time.monotonic() < deadline:
+        time.sleep(0.01)
+        status = box.job_status(k)
+    return status
 
 
 def _classify(
@@ -349,6 +409,7 @@ def run_jobs(
     uid: int = sandbox.NOBODY,
     cgroup_version: int | None = None,
     stop: threading.Event | None = None,
+    template: Template | None = None,
 ) -> dict[str, JobOutcome]:
     """Run a student's jobs in order, in as few sandboxes as crashes allow; an outcome per job.
 
@@ -373,7 +434,7 @@ def run_jobs(
                         JobOutcome(), "error", "not graded: too many crashes of its process"
                     )
                 break
-            last = _one_sandbox(remaining, config, box, scratch, uid, group, budget, stop, outcomes)
+            last = _one_sandbox(remaining, config, box, scratch, uid, group, budget, stop, outcomes, template)
             remaining = [j for j in remaining if j.name not in outcomes]
             if last is not None and last.ends_run:
                 for j in remaining:
@@ -406,11 +467,12 @@ def _one_sandbox(
     budget: Budget,
     stop: threading.Event | None,
     outcomes: dict[str, JobOutcome],
+    template: Template | None = None,
 ) -> JobOutcome | None:
     """Run `remaining` in one fresh sandbox until one ends without an answer; that outcome, or None."""
     if stop is not None and stop.is_set():  # stopped before this sandbox started
         raise Stopped()
-    running = _Sandbox(remaining, config, box, scratch, uid, group)
+    running = _Sandbox(remaining, config, box, scratch, uid, group, template)
     try:
         for k, job in enumerate(remaining):
             if budget.spent(job.notebook):

@@ -36,6 +36,7 @@ from lumorik_sft.course.checks.framework import USED_REFERENCE
 from lumorik_sft.course.grading import limits, report
 from lumorik_sft.course.grading.session import Job, JobOutcome, Stopped, run_jobs
 from lumorik_sft.course.grading.submissions import find_students, read_notebooks
+from lumorik_sft.course.grading.template import Template
 from lumorik_sft.course.sandbox import Sandbox
 
 __all__ = ["ExerciseGrade", "GradingConfig", "GradingStopped", "StudentGrade", "grade", "grade_student"]
@@ -180,6 +181,7 @@ def grade_student(
     uid: int = sandbox.NOBODY,
     cgroup_version: int | None = None,
     stop: threading.Event | None = None,
+    template: Template | None = None,
 ) -> StudentGrade:
     """Grade one student's folder; never raises for anything the student's code does.
 
@@ -208,7 +210,9 @@ def grade_student(
         if exercises[n].notebook in cells
     ]
     box = box or Sandbox("none")
-    outcomes = run_jobs(jobs, config, box, Path(scratch), uid=uid, cgroup_version=cgroup_version, stop=stop)
+    outcomes = run_jobs(
+        jobs, config, box, Path(scratch), uid=uid, cgroup_version=cgroup_version, stop=stop, template=template
+    )
     noted: set[tuple[str, str]] = set()
     for job in jobs:
         outcome, g = outcomes[job.name], grades[job.name]
@@ -285,12 +289,15 @@ def grade(
     writer.write({})  # an interrupted run leaves a gradebook marked incomplete from the start
     stop, caught = threading.Event(), []
     scratch = Path(tempfile.mkdtemp(prefix="lumorik-grade-"))
+    template = Template.start(box, config)  # imports once for the whole class (root only)
     try:
         with _stop_on_signals(stop, caught):
             results = _grade_all(
-                folders, plan, config, scratch, box, cgroup_version, stop, workers, progress, writer
+                folders, plan, config, scratch, box, cgroup_version, stop, workers, progress, writer, template
             )
     finally:
+        if template is not None:
+            template.close()
         shutil.rmtree(scratch, ignore_errors=True)  # the sandboxes are gone by now
     ordered = writer.write(results)
     if len(ordered) < len(folders):
@@ -373,6 +380,7 @@ def _grade_all(
     workers: int,
     progress: bool,
     writer: _Progress,
+    template: Template | None = None,
 ) -> dict[str, StudentGrade]:
     """Grade in parallel until done or `stop`; each worker slot has its own student user id."""
     from tqdm.auto import tqdm
@@ -386,7 +394,15 @@ def _grade_all(
         try:
             uid = sandbox.student_uid(slot)
             return grade_student(
-                folder, plan, config, scratch, box, uid=uid, cgroup_version=cgroup_version, stop=stop
+                folder,
+                plan,
+                config,
+                scratch,
+                box,
+                uid=uid,
+                cgroup_version=cgroup_version,
+                stop=stop,
+                template=template,
             )
         finally:
             slots.put(slot)
