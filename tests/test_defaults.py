@@ -26,7 +26,7 @@ def test_fast_mode_reads_the_environment(monkeypatch):
     monkeypatch.setenv("LUMORIK_FAST", "0")
     assert not defaults.fast_mode()
     settings = demo.DemoSettings.for_mode(False, epochs=None, seed=7)
-    assert (settings.epochs, settings.seed, settings.n_generate) == (3, 7, 100)
+    assert (settings.epochs, settings.seed, settings.n_generate) == (2, 7, 100)
 
 
 def test_the_demo_asks_the_same_rule_as_training(tmp_path):

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_argument(p)
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 3; 1 in fast mode)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 2; 1 in fast mode)")
     p.add_argument("--lr", type=float, default=None, help=TrainConfig.help()["learning_rate"])
     p.add_argument("--fast", action="store_true", help="tiny run in seconds (also LUMORIK_FAST=1)")
     p.set_defaults(func=_cmd_demo)
