@@ -154,7 +154,9 @@ def test_train_chat_model_trains_a_copy_and_leaves_the_base_alone(tok, tiny):
         learning_rate=3e-3,
         precision="fp32",
         device="cpu",
+        compile="off",
     )
+    assert run.result.compile["mode"] == "off"  # passed through to TrainConfig (notebook 09's short runs)
     assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
     assert run.model is not tiny and run.label == "x" and run.n_chats == 4
     assert run.result.global_step == 4 and run.supervised_tokens == 4 * chat_lab.supervised_tokens(

@@ -151,6 +151,20 @@ def products():
     return records, tokenizer, examples
 
 
+def test_best_recorded_rate_is_the_lowest_recorded_validation_loss():
+    """Notebook 10 trains each setting once, at the rate this returns: it must be the sweep's winner."""
+    assert list(lora_lab.RECORDED_SWEEP) == [
+        "full FT",
+        "LoRA r=8 attention",
+        "LoRA r=8 all-linear",
+        "LoRA r=32 all-linear",
+    ]
+    for label, sweep in lora_lab.RECORDED_SWEEP.items():
+        assert len(sweep) >= 2 and all(math.isfinite(v) for v in sweep.values()), label
+        assert sweep[lora_lab.best_recorded_rate(label)] == min(sweep.values()), label
+    assert lora_lab.best_recorded_rate("LoRA r=8 attention") == 1e-2
+
+
 def test_compare_runs_picks_each_settings_best_rate_and_measures_it(products):
     records, tokenizer, examples = products
     base = build_model("gpt2", tokenizer, n_layer=1, width=16, n_head=2, context=64, seed=0)

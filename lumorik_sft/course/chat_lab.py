@@ -255,8 +255,13 @@ def train_chat_model(
     seed: int = 0,
     precision: str = "auto",
     device: str = "auto",
+    compile: str = "auto",
 ) -> ChatRun:
-    """Fine-tune a deep copy of ``base`` (left untouched), so every run starts from the same weights."""
+    """Fine-tune a deep copy of ``base`` (left untouched), so every run starts from the same weights.
+
+    ``compile`` is `TrainConfig.compile`: the notebook passes "off" because its runs are too short
+    for compiling to pay back, and 'auto' would decide from step timings of a possibly shared CPU.
+    """
     model = copy.deepcopy(base)
     config = TrainConfig(
         learning_rate=learning_rate,
@@ -267,6 +272,7 @@ def train_chat_model(
         device=device,
         progress=False,
         log_every=0,
+        compile=compile,
     )
     start = time.perf_counter()
     result = train(
