@@ -31,7 +31,7 @@ demo, the notebooks) stay eager.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,8 +139,9 @@ class CompileDecision:
     """What `TrainConfig.compile` did in a run: saved in `TrainResult.compile`.
 
     ``compiled``: whether steps ran compiled; ``at_step``: the first compiled step;
-    ``seconds``: the compile time, measured as the first compiled step's time minus an eager
-    step's; ``reason``: why, in words.
+    ``seconds``: the compile time, measured as the first compiled step's time minus the fastest
+    timed eager step's (with 'on' no eager step was timed: the whole first step); ``reason``:
+    why, in words.
     """
 
     mode: str = "off"
@@ -162,7 +163,7 @@ class StepCompiler:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
         self.model, self.device, self.total_steps = model, device, total_steps
         self.decision = CompileDecision(mode=mode)
-        self._context: Any = None
+        self._undo = ExitStack()  # holds compiled_blocks once compiling starts
         self._first_compiled_step = False
         if mode == "off":
             self.decision.reason = "compile='off'"
@@ -173,9 +174,7 @@ class StepCompiler:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._context is not None:
-            self._context.__exit__(None, None, None)
-            self._context = None
+        self._undo.close()
 
     def after_step(self, step: int, seconds: float) -> None:
         """Record the step's wall time; under 'auto', decide once enough eager steps are timed."""
@@ -205,7 +204,6 @@ class StepCompiler:
             d.reason = f"compile='auto' stayed eager: {words}"
 
     def _compile(self, step: int, reason: str) -> None:
-        self._context = compiled_blocks(self.model)
-        self._context.__enter__()
+        self._undo.enter_context(compiled_blocks(self.model))
         self.decision.compiled, self.decision.at_step, self.decision.reason = True, step, reason
         self._first_compiled_step = True
