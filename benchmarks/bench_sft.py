@@ -486,6 +486,19 @@ def useful_work(spec: dict) -> dict[str, Any]:
     }
 
 
+def _run_worker(name: str, spec_path: Path, out: Path) -> dict[str, Any]:
+    """One contestant in a fresh process: its peak RSS is its own."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", name, "--spec", str(spec_path), "--result", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        print(f"{name}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+        return {"name": name, "error": proc.stderr.strip().splitlines()[-1:]}
+    return json.loads(out.read_text())
+
+
 def run_all(names: list[str], spec: dict) -> list[dict]:
     results = []
     spec_path = Path(spec["work"]) / "spec.json"
@@ -497,16 +510,13 @@ def run_all(names: list[str], spec: dict) -> list[dict]:
         # session): measure it again right before each contestant, which then runs alone.
         peak_now = matmul_peak(dtype, spec["threads"], spec["peak_seconds"])
         t0 = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, __file__, "--worker", name, "--spec", str(spec_path), "--result", str(out)],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            print(f"{name}: FAILED\n{proc.stderr[-3000:]}", flush=True)
-            results.append({"name": name, "error": proc.stderr.strip().splitlines()[-1:]})
-            continue
-        r = json.loads(out.read_text())
+        if spec.get("in_process"):  # --quick: no process per contestant (RSS is then the run's)
+            r = run_contestant(name, spec)
+        else:
+            r = _run_worker(name, spec_path, out)
+            if "error" in r:
+                results.append(r)
+                continue
         r["wall_seconds"] = time.perf_counter() - t0
         r["peak_now"] = peak_now
         results.append(r)
@@ -1025,6 +1035,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "work": tmp,
             "peak_seconds": 0.3 if args.quick else 1.5,
+            "in_process": args.quick,  # a smoke run: importing torch and TRL nine times cost 40 s
         }
         work = useful_work(spec)
         results = run_all(names, spec)

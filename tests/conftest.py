@@ -1,4 +1,10 @@
-"""Shared offline fixtures: a toy tokenizer trained in-process and tiny models of three architectures."""
+"""Shared offline fixtures: a toy tokenizer trained in-process and tiny models of three architectures.
+
+Also how the suite shares the cores: pytest-xdist runs one worker per core (``-n auto`` in
+pyproject.toml), each worker's torch (and every process it starts: Jupyter kernels, graders,
+CLI runs) gets its share of the threads, and the tests are sent to the workers in groups that
+share their expensive fixtures (see ``xdist_group``).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,18 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:  # two torch pools on two cores would spin against each other
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // WORKERS))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from xdist_groups import xdist_group  # noqa: E402
 
 from lumorik_sft.course.checks import TOY_TEXTS  # noqa: E402  (one toy corpus for tests and checks)
 from lumorik_sft.models import build_model, train_bpe_tokenizer  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads(), int(os.environ.get("OMP_NUM_THREADS", "2")))))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -56,3 +66,43 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------- xdist
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadgroup`` (pyproject.toml) with our groups.
+
+    xdist's own loadgroup reads ``xdist_group`` marks through ``item._nodeid``, which pytest 9.2
+    no longer uses for ``item.nodeid``: its groups silently fall apart into single tests.
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+    return GroupScheduling(config, log)
+
+
+SUMMARY: dict[str, dict[str, str]] = {}  # section -> line -> value, from the reports' user_properties
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for key, value in report.user_properties:
+        if key == "summary":
+            for section, lines in value.items():
+                SUMMARY.setdefault(section, {}).update(lines)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Sections that tests hand over in their reports (tests/browser/conftest.py: its step times)."""
+    for section, lines in SUMMARY.items():
+        if lines:
+            terminalreporter.section(section)
+            for name, value in sorted(lines.items()):
+                terminalreporter.write_line(f"{value}  {name}" if value else name)

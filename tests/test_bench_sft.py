@@ -1,5 +1,5 @@
-"""Smoke tests of the benchmarks: bench_sft.py --quick (a tiny model, three contestants, 25-70 s)
-and bench_cuda.py's CPU dry run.
+"""Smoke tests of the benchmarks: bench_sft.py --quick (a tiny model, three contestants, all in
+one process: about 20 s) and bench_cuda.py's CPU dry run.
 
 They prove the scripts run end to end and write their reports; the numbers mean nothing here
 (the real figures are in benchmarks/runs/*/RESULTS.md, indexed by benchmarks/RESULTS.md, and in

@@ -170,12 +170,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         REPLACED.extend(sorted({i.path.name for i in dropped}))
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """How long each browser step took (CI's time budget needs them), and which nbval runs it replaced."""
-    if REPLACED:
-        terminalreporter.section("browser: run instead of nbval")
-        terminalreporter.write_line(", ".join(REPLACED))
-    if TIMES:
-        terminalreporter.section("browser: seconds per step")
-        for name, seconds in TIMES.items():
-            terminalreporter.write_line(f"{seconds:7.1f} s  {name}")
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """Hand the browser steps' seconds (CI's time budget needs them) and the replaced nbval runs
+    to tests/conftest.py's end-of-run summary, through the report: under xdist it is printed by
+    the controller, which runs no test itself."""
+    outcome = yield
+    if call.when == "teardown" and (TIMES or REPLACED):
+        summary = {
+            "browser: run instead of nbval": {name: "" for name in REPLACED},
+            "browser: seconds per step": {name: f"{s:7.1f} s" for name, s in TIMES.items()},
+        }
+        outcome.get_result().user_properties.append(("summary", summary))
+        TIMES.clear()
+        REPLACED.clear()

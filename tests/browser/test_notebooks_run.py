@@ -14,7 +14,14 @@ from nbval_outputs import marked_output_differences
 
 pytestmark = pytest.mark.browser
 
-WIDGET_NOTEBOOKS = {"06_pitfalls_lab.ipynb", "07_applications.ipynb", "09_chat_sft.ipynb"}
+# kept open for tests/browser/test_widgets_browser.py, which runs on the same xdist worker
+# (tests/conftest.py groups a notebook's browser tests by its number)
+WIDGET_NOTEBOOKS = {
+    "04_evaluation.ipynb",
+    "06_pitfalls_lab.ipynb",
+    "07_applications.ipynb",
+    "09_chat_sft.ipynb",
+}
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
