@@ -180,8 +180,13 @@ class Notebook:
     def run_all(self, timeout: float = 600) -> float:
         """Run All Cells from the menu and wait until the kernel is idle; the seconds it took."""
         start = time.monotonic()
-        self.menu("Run", "Run All Cells")
-        self.page.wait_for_timeout(500)  # every cell is queued ([*]) at once
+        for _ in range(3):  # on a loaded machine a click can land before the menu responds
+            self.menu("Run", "Run All Cells")
+            if self.wait_busy(15):  # every cell is queued ([*]) at once
+                break
+        else:
+            self.shot("run-all-ignored")
+            raise AssertionError(f"{self.path}: Run All Cells started nothing, three times")
         self.wait_idle(timeout, hold=1.5)
         seconds = time.monotonic() - start
         self.shot("ran-all")
@@ -191,6 +196,15 @@ class Notebook:
         status = self.page.locator(f"{P} .jp-Notebook-ExecutionIndicator").first.get_attribute("data-status")
         prompts = self.page.locator(f"{P} .jp-InputArea-prompt").all_inner_texts()
         return status not in ("idle", None) or any("*" in p for p in prompts)
+
+    def wait_busy(self, timeout: float) -> bool:
+        """Whether the kernel turns busy or a cell is queued within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.busy():
+                return True
+            self.page.wait_for_timeout(100)
+        return False
 
     def wait_idle(self, timeout: float = 600, hold: float = 2.0) -> None:
         """Wait until the kernel is idle and no cell is queued, held for ``hold`` seconds."""
