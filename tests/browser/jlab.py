@@ -181,8 +181,11 @@ class Notebook:
         """Run All Cells from the menu and wait until the kernel is idle; the seconds it took."""
         start = time.monotonic()
         for _ in range(3):  # on a loaded machine a click can land before the menu responds
+            before = self.prompts()
             self.menu("Run", "Run All Cells")
-            if self.wait_busy(15):  # every cell is queued ([*]) at once
+            # Run All queues every cell ([*]) at once. The kernel's status alone is no proof: it
+            # can read busy for a moment (a kernel_info or comm message) while the click was lost.
+            if self.wait_prompts_change(before, 15):
                 break
         else:
             self.shot("run-all-ignored")
@@ -192,19 +195,23 @@ class Notebook:
         self.shot("ran-all")
         return seconds
 
+    def prompts(self) -> list[str]:
+        return self.page.locator(f"{P} .jp-InputArea-prompt").all_inner_texts()
+
+    def wait_prompts_change(self, before: list[str], timeout: float) -> bool:
+        """Whether a cell is queued ([*]) or a prompt changes within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = self.prompts()
+            if now != before or any("*" in p for p in now):
+                return True
+            self.page.wait_for_timeout(100)
+        return False
+
     def busy(self) -> bool:
         status = self.page.locator(f"{P} .jp-Notebook-ExecutionIndicator").first.get_attribute("data-status")
         prompts = self.page.locator(f"{P} .jp-InputArea-prompt").all_inner_texts()
         return status not in ("idle", None) or any("*" in p for p in prompts)
-
-    def wait_busy(self, timeout: float) -> bool:
-        """Whether the kernel turns busy or a cell is queued within ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.busy():
-                return True
-            self.page.wait_for_timeout(100)
-        return False
 
     def wait_idle(self, timeout: float = 600, hold: float = 2.0) -> None:
         """Wait until the kernel is idle and no cell is queued, held for ``hold`` seconds."""
