@@ -33,6 +33,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -47,14 +48,7 @@ Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]
 def make_rows(n: int, seed: int = 0) -> list[tuple[int, ...]]:
     """Example boundaries of `n` padding-free rows of 8 examples of 100-256 tokens each."""
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        lengths = [rng.randint(100, 256) for _ in range(PER_ROW)]
-        bounds = [0]
-        for length in lengths:
-            bounds.append(bounds[-1] + length)
-        rows.append(tuple(bounds))
-    return rows
+    return [tuple(accumulate((rng.randint(100, 256) for _ in range(PER_ROW)), initial=0)) for _ in range(n)]
 
 
 def segment_ids(bounds: tuple[int, ...]) -> torch.Tensor:
